@@ -1,0 +1,135 @@
+"""THE architecture table: per model family, which module feeds which linears in a decoder layer.
+
+The only place in llmq that knows model families. Adding a family = one `ARCHS` entry + a tiny config in
+tests/test_smooth.py, where smoothing must leave that family's logits unchanged.
+
+A `Group` names modules relative to one decoder layer. `prev` is the module whose output channels are
+divided by the smoothing scales s; `linears` are the consumers whose input channels are multiplied by s.
+Exactness rules that decide what may appear here (see llmq/smooth.py for the formula):
+
+- "attn" / "mlp": a norm whose output feeds ONLY the listed linears. Post-LN layouts (OPT-350m,
+  BLOOM with apply_residual_connection_post_layernorm) also send the norm output into the residual
+  stream, so they are excluded with `when`. Where one norm feeds attention and MLP (Falcon parallel
+  attention with one norm) there is a single "attn" group whose linears include the MLP input.
+- "v_o": v's output channels reach o's input channels unchanged (attention mixes tokens, not channels).
+  Only where v's rows are contiguous: separate v_proj, or the TAIL rows of a fused [q|k|v] projection
+  (Phi3, GPT-2, Falcon multi-query). Skipped for per-head interleaved qkv (GPT-NeoX, BLOOM, Falcon
+  non-multi-query/new architecture): exact in principle, but needs an index map we do not test.
+- "up_down": down's input is act(gate(x)) * up(x), so dividing up's rows divides down's input exactly.
+  Not for ungated MLPs (fc1 -> act -> fc2): the activation is in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UnsupportedArchitecture
+
+PREV_KINDS = ("norm", "gemma_norm", "linear")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One smoothing group of a decoder layer; module names are relative to the layer."""
+
+    name: str  # "attn" | "mlp" | "v_o" | "up_down" (llmq.config.GROUPS)
+    prev: str
+    linears: tuple[str, ...]
+    prev_kind: str = "norm"  # "norm": w/s, b/s; "gemma_norm": output = norm(x) * (1 + w); "linear": rows/s
+    tail: bool = False  # prev is fused; only its LAST rows (v of [q|k|v], up of [gate|up]) feed the linears
+    kv_heads: int | None = None  # v_o only: fixed number of kv heads (Falcon multi-query); None: from config
+    when: tuple[tuple[str, Any], ...] = ()  # (text-config attribute, required value) pairs
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
+    groups: tuple[Group, ...]  # applied in this order within each layer
+
+    def active_groups(self, config: Any) -> tuple[Group, ...]:
+        """The groups whose `when` conditions hold for this (text) config."""
+        return tuple(g for g in self.groups if all(getattr(config, k, None) == v for k, v in g.when))
+
+
+def _llama_like(layers: str = "model.layers", norm: str = "norm",
+                mlp_norm: str = "post_attention_layernorm") -> Arch:
+    return Arch(layers, (
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), norm),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("mlp", mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm),
+        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ))
+
+
+_GEMMA2 = _llama_like(norm="gemma_norm", mlp_norm="pre_feedforward_layernorm")  # post_* norms stay untouched
+_OPT_PRE_LN = (("do_layer_norm_before", True), ("layer_norm_elementwise_affine", True))
+_FALCON_QKV, _FALCON_FC = "self_attention.query_key_value", "mlp.dense_h_to_4h"
+_FALCON_NEW2 = (("new_decoder_architecture", True), ("num_ln_in_parallel_attn", 2))
+_FALCON_SEQ = (("new_decoder_architecture", False), ("parallel_attn", False))
+
+ARCHS: dict[str, Arch] = {
+    "llama": _llama_like(),
+    "mistral": _llama_like(),
+    "qwen2": _llama_like(),
+    "qwen3": _llama_like(),
+    "gemma": _llama_like(norm="gemma_norm"),
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "gemma3": _llama_like("model.language_model.layers", "gemma_norm", "pre_feedforward_layernorm"),
+    "phi3": Arch("model.layers", (
+        Group("attn", "input_layernorm", ("self_attn.qkv_proj",)),
+        Group("v_o", "self_attn.qkv_proj", ("self_attn.o_proj",), "linear", tail=True),
+        Group("mlp", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+        Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
+    )),
+    "opt": Arch("model.decoder.layers", (
+        Group("attn", "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              when=_OPT_PRE_LN),
+        Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear"),
+        Group("mlp", "final_layer_norm", ("fc1",), when=_OPT_PRE_LN),
+    )),
+    "gpt2": Arch("transformer.h", (
+        Group("attn", "ln_1", ("attn.c_attn",)),
+        Group("v_o", "attn.c_attn", ("attn.c_proj",), "linear", tail=True),
+        Group("mlp", "ln_2", ("mlp.c_fc",)),
+    )),
+    "gpt_neox": Arch("gpt_neox.layers", (  # same wiring with and without use_parallel_residual
+        Group("attn", "input_layernorm", ("attention.query_key_value",)),
+        Group("mlp", "post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+    )),
+    "falcon": Arch("transformer.h", (
+        Group("attn", "ln_attn", (_FALCON_QKV,), when=_FALCON_NEW2),
+        Group("mlp", "ln_mlp", (_FALCON_FC,), when=_FALCON_NEW2),
+        Group("attn", "input_layernorm", (_FALCON_QKV, _FALCON_FC),
+              when=(("new_decoder_architecture", True), ("num_ln_in_parallel_attn", 1))),
+        Group("attn", "input_layernorm", (_FALCON_QKV, _FALCON_FC),
+              when=(("new_decoder_architecture", False), ("parallel_attn", True))),
+        Group("attn", "input_layernorm", (_FALCON_QKV,), when=_FALCON_SEQ),
+        Group("mlp", "post_attention_layernorm", (_FALCON_FC,), when=_FALCON_SEQ),
+        Group("v_o", _FALCON_QKV, ("self_attention.dense",), "linear", tail=True, kv_heads=1,
+              when=(("new_decoder_architecture", False), ("multi_query", True))),
+    )),
+    "bloom": Arch("transformer.h", (
+        Group("attn", "input_layernorm", ("self_attention.query_key_value",),
+              when=(("apply_residual_connection_post_layernorm", False),)),
+        Group("mlp", "post_attention_layernorm", ("mlp.dense_h_to_4h",),
+              when=(("apply_residual_connection_post_layernorm", False),)),
+    )),
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ARCHS)
+
+
+def get_arch(model_type: str) -> Arch:
+    """The table entry for a `config.model_type`; raises UnsupportedArchitecture for unknown families."""
+    try:
+        return ARCHS[model_type]
+    except KeyError:
+        raise UnsupportedArchitecture(
+            f"SmoothQuant has no table entry for model type {model_type!r}; supported: "
+            f"{', '.join(supported_model_types())}. Use --method llm-int8 or --method weight-only, "
+            "which work on any architecture."
+        ) from None

@@ -1,0 +1,102 @@
+"""Calibration: run token windows through the model and record, per input channel of the chosen linears,
+the running abs-max of their inputs (forward pre-hooks; activations are never stored). Optionally keep a
+small seeded sample of input rows per linear, which `--alpha auto` scores candidate alphas on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationStats:
+    act_max: dict[str, torch.Tensor]  # linear name -> [in_features] float32 running abs-max
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [n, in_features] float32
+    tokens: int = 0
+
+
+def _device_of(model) -> torch.device:
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+@torch.inference_mode()
+def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: tuple[str, ...] = (),
+              sample_tokens: int = 0, seed: int = 0, progress: bool = True) -> CalibrationStats:
+    """Record running abs-max of the inputs of the modules `names` over `windows` ([n, seq_len] token ids).
+
+    For the modules in `sample_names`, also keep `sample_tokens` input rows drawn uniformly (seeded) across
+    the windows. Raises NumericalError naming the layer if an input holds inf/nan.
+    """
+    act_max: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in sample_names}
+    n_win = windows.shape[0]
+    per_window = -(-sample_tokens // n_win) if sample_tokens else 0
+    gen = torch.Generator().manual_seed(seed)
+    picks: list[torch.Tensor] = []  # token positions sampled in the current window (shared by all layers)
+
+    def hook(name: str):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            cur = x.abs().amax(dim=0).float()
+            if not torch.isfinite(cur).all():
+                raise NumericalError(f"non-finite activations (inf/nan) at the input of {name} during "
+                                     "calibration; check the model's weights and dtype (try --dtype float32)")
+            prev = act_max.get(name)
+            act_max[name] = cur if prev is None else torch.maximum(prev, cur)
+            if name in rows and picks:
+                rows[name].append(x[picks[0].to(x.device)].float().cpu())
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    device = _device_of(model)
+    # The LM head is never smoothed: run only the decoder body when every hooked module lives in it.
+    prefix = getattr(model, "base_model_prefix", "")
+    body = model.base_model if prefix and all(n.startswith(prefix + ".") for n in names) else model
+    try:
+        for i in tqdm(range(n_win), desc="calibrating", unit="window", disable=not progress):
+            ids = windows[i:i + 1]
+            picks.clear()
+            if per_window:
+                picks.append(torch.randperm(ids.shape[1], generator=gen)[:per_window].sort().values)
+            body(ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(names) - set(act_max))
+    if missing:
+        raise NumericalError(f"calibration never reached {missing[:3]}...; the model's forward skips them")
+    samples = {n: torch.cat(r)[:sample_tokens] for n, r in rows.items() if r}
+    log.info("calibrated %d linears on %d tokens", len(names), windows.numel())
+    return CalibrationStats(act_max={k: v.cpu() for k, v in act_max.items()}, samples=samples,
+                            tokens=int(windows.numel()))
+
+
+def save_act_scales(stats: CalibrationStats, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in stats.act_max.items()}, str(path))
+
+
+def load_act_scales(path) -> CalibrationStats:
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--act-scales {str(p)!r} does not exist; pass the act_scales.safetensors of an "
+                          "earlier llmq output")
+    try:
+        return CalibrationStats(act_max={k: v.float() for k, v in load_file(str(p)).items()})
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"--act-scales {str(p)!r} is not a readable safetensors file: {e}") from None

@@ -1,0 +1,270 @@
+"""Frozen, validated configuration. YAML is only how a `Recipe` is stored; unknown keys are errors.
+
+A recipe file looks like (every section and key optional)::
+
+    model: llmq:smollm2
+    dtype: float32
+    calibration: {source: "llmq:wiki", samples: 32, seq_len: 512, seed: 0}
+    smoothing: {alpha: auto, groups: [attn, mlp, v_o, up_down]}
+    quantization: {method: smoothquant, skip: [lm_head]}
+    evaluation: {data: "llmq:wiki", seq_len: 1024, max_tokens: 20480}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+
+METHODS = ("smoothquant", "llm-int8", "weight-only")
+GROUPS = ("attn", "mlp", "v_o", "up_down")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_THRESHOLD = {"smoothquant": 0.0, "llm-int8": 6.0, "weight-only": 1e-6}
+# Offline assets that arrive through PyPI (see llmq/assets.py).
+OFFLINE_MODEL = "llmq:smollm2"
+OFFLINE_TEXT = "llmq:wiki"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Text run through the model to record per-channel activation maxima."""
+
+    source: str = OFFLINE_TEXT
+    samples: int = 32  # windows; the paper uses 512 x 512 on GPUs; 32 x 512 keeps 2 CPU cores in minutes
+    seq_len: int = 512
+    seed: int = 0
+    act_scales: str | None = None  # reuse a saved act_scales.safetensors instead of calibrating
+
+    def __post_init__(self) -> None:
+        _check(self.samples >= 1, f"calibration.samples must be >= 1, got {self.samples}")
+        _check(self.seq_len >= 2, f"calibration.seq_len must be >= 2, got {self.seq_len}")
+        _check(bool(self.source), "calibration.source must not be empty")
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant migration strength. alpha 0 means no smoothing; 'auto' searches `grid` per group."""
+
+    alpha: Union[float, str] = "auto"
+    groups: tuple[str, ...] = GROUPS
+    grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    auto_tokens: int = 512  # calibration tokens kept per group to score each alpha of the grid
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, str):
+            if a.strip().lower() == "auto":
+                object.__setattr__(self, "alpha", "auto")
+            else:
+                try:
+                    object.__setattr__(self, "alpha", float(a))
+                except ValueError:
+                    raise ConfigError(f"smoothing.alpha must be a number in [0, 1] or 'auto', got {a!r}") from None
+        if self.alpha != "auto":
+            v = float(self.alpha)
+            _check(math.isfinite(v) and 0.0 <= v <= 1.0,
+                   f"smoothing.alpha must be in [0, 1] or 'auto', got {a!r}")
+            object.__setattr__(self, "alpha", v)
+        bad = sorted(set(self.groups) - set(GROUPS))
+        _check(not bad, f"smoothing.groups has unknown {bad}; allowed: {list(GROUPS)}")
+        _check(len(self.grid) > 0 and all(0.0 <= g <= 1.0 for g in self.grid),
+               f"smoothing.grid must be values in [0, 1], got {list(self.grid)}")
+        _check(0.0 in self.grid, "smoothing.grid must include 0 (no smoothing), so auto never loses to it")
+        _check(self.auto_tokens >= 16, f"smoothing.auto_tokens must be >= 16, got {self.auto_tokens}")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Which bitsandbytes Int8 layout replaces the linears."""
+
+    method: str = "smoothquant"
+    threshold: float | None = None  # None: the method's default (0 / 6.0 / 1e-6)
+    skip: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.threshold is not None:
+            t = float(self.threshold)
+            _check(math.isfinite(t) and t >= 0, f"quantization.threshold must be >= 0, got {self.threshold}")
+            if self.method == "weight-only":
+                _check(0 < t <= 1e-3, "weight-only uses a tiny positive threshold (default 1e-6); leave it unset")
+            object.__setattr__(self, "threshold", t)
+
+    @property
+    def effective_threshold(self) -> float:
+        return DEFAULT_THRESHOLD[self.method] if self.threshold is None else float(self.threshold)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Perplexity protocol (see llmq/evaluate.py) and fidelity against a reference."""
+
+    data: str = OFFLINE_TEXT
+    seq_len: int = 1024
+    max_tokens: int | None = 20480
+    bos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 2, f"evaluation.seq_len must be >= 2, got {self.seq_len}")
+        _check(self.max_tokens is None or self.max_tokens >= 2,
+               f"evaluation.max_tokens must be >= 2, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Push:
+    """Where `llmq push` / `quantize --push` uploads the output folder."""
+
+    repo_id: str | None = None
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything needed to reproduce a quantization run."""
+
+    model: str = OFFLINE_MODEL
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    calibration: Calibration = field(default_factory=Calibration)
+    smoothing: Smoothing = field(default_factory=Smoothing)
+    quantization: Quantization = field(default_factory=Quantization)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    push: Push = field(default_factory=Push)
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+               f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    # --- dict / YAML -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        def conv(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            return v
+
+        return {k: ({kk: conv(vv) for kk, vv in v.items()} if isinstance(v, dict) else conv(v))
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
+        return _build(cls, data, where)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {str(p)!r} does not exist; pass a YAML file such as configs/default.yaml")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"recipe {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(p)!r} must be a mapping of keys, got {type(data).__name__}")
+        return cls.from_dict(data, where=str(p))
+
+    def override(self, dotted: dict[str, Any]) -> Recipe:
+        """Return a copy with `section.key` (or top-level `key`) values replaced, validated again."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            parts = key.split(".")
+            node = data
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown recipe key {key!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"unknown recipe key {key!r}")
+            node[parts[-1]] = value
+        return Recipe.from_dict(data, where="overrides")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse `--set key=value` items; values are YAML scalars/lists (`0.5`, `auto`, `[a, b]`)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set smoothing.alpha=0.8)")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {k}: cannot parse value {v!r}") from None
+    return out
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}: {name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or (origin is not None and type(None) in args):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} has the wrong type")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,39 @@
+"""One exception type per kind of user error. The CLI prints them as one line and exits with code 2."""
+
+
+class LlmqError(Exception):
+    """Base class of every error a user can cause and fix. `str(err)` is the one-line message."""
+
+    exit_code = 2
+
+
+class ConfigError(LlmqError):
+    """A recipe, flag or option value is invalid."""
+
+
+class ModelLoadError(LlmqError):
+    """A model path, folder, file or Hub id cannot be loaded as a causal LM."""
+
+
+class DataError(LlmqError):
+    """A text source is missing, unreadable, empty or too short."""
+
+
+class UnsupportedArchitecture(LlmqError):
+    """The model family is not in the smoothing table (llmq/arch.py)."""
+
+
+class OutputError(LlmqError):
+    """The output location cannot be written (exists, is a file, not writable)."""
+
+
+class NumericalError(LlmqError):
+    """inf/nan appeared in weights or activations."""
+
+
+class PushError(LlmqError):
+    """Uploading to the Hub failed (no token, bad repo id, refused, network)."""
+
+
+class AssetError(LlmqError):
+    """An offline asset could not be fetched or failed its checksum."""

@@ -1,0 +1,157 @@
+"""Checkpoint -> (model, tokenizer): a Hub id, a local Hugging Face folder, a `.gguf` file, or `llmq:smollm2`.
+
+Large models: pass `device_map="auto"` and `max_memory` (accelerate places layers on GPUs, then CPU, then
+`offload_folder` on disk). `trust_remote_code` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import OFFLINE_MODEL
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU (bitsandbytes' CPU kernels and fp32 references) and float16 on CUDA."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _source(model: str) -> dict[str, Any]:
+    """Classify `model` into from_pretrained arguments, with a clear error for paths that cannot work."""
+    if model == OFFLINE_MODEL:
+        from .assets import model_folder
+
+        return {"pretrained_model_name_or_path": str(model_folder()), "kind": "folder"}
+    p = Path(model).expanduser()
+    if p.is_file():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if p.suffix.lower() != ".gguf" or magic != b"GGUF":
+            raise ModelLoadError(f"{model!r} is not a model: expected a Hugging Face folder with config.json "
+                                 "or a .gguf file")
+        return {"pretrained_model_name_or_path": str(p.parent), "gguf_file": p.name, "kind": "gguf"}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"folder {model!r} has no config.json; point at a Hugging Face model folder "
+                                 "(the one save_pretrained writes) or a .gguf file")
+        return {"pretrained_model_name_or_path": str(p), "kind": "folder"}
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(model):
+        raise ModelLoadError(f"model path {model!r} does not exist; give an existing folder, a .gguf file, "
+                             f"a Hub id like 'org/name', or {OFFLINE_MODEL}")
+    if _offline():
+        raise ModelLoadError(f"{model!r} is not a local path and HF_HUB_OFFLINE=1, so the Hub cannot be asked; "
+                             f"download it first or use a local folder (offline demo model: {OFFLINE_MODEL})")
+    return {"pretrained_model_name_or_path": model, "kind": "hub"}
+
+
+def load_config(model: str, trust_remote_code: bool = False):
+    """The model's transformers config, with the loader's errors (used by planners before any weights load)."""
+    from transformers import AutoConfig
+
+    src = _source(model)
+    kw = {"gguf_file": src["gguf_file"]} if "gguf_file" in src else {}
+    try:
+        return AutoConfig.from_pretrained(src["pretrained_model_name_or_path"],
+                                          trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
+
+
+def _explain(model: str, e: BaseException, trust_remote_code: bool) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e) and not trust_remote_code:
+        return (f"{model!r} contains custom code; it is only run if you pass --trust-remote-code "
+                "(read the code first)")
+    if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
+        return f"{model!r} is not a causal language model supported by transformers: {msg}"
+    return f"cannot load {model!r}: {msg}"
+
+
+def _check_causal(config, model: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) not in mapping and not getattr(config, "auto_map", None):
+        raise ModelLoadError(f"{model!r} has model_type {config.model_type!r}, which is not a causal language "
+                             "model (AutoModelForCausalLM cannot build it); llmq quantizes decoder LMs")
+
+
+def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: Any = None,
+         max_memory: dict | None = None, offload_folder: str | None = None,
+         trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer, in eval mode, on one device or spread by accelerate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _source(model)
+    kind = src.pop("kind")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    config = load_config(model, trust_remote_code)
+    _check_causal(config, model)
+    qc = getattr(config, "quantization_config", None)
+    kw: dict[str, Any] = dict(src, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kw.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    elif dev.type == "cuda" and not (qc and kind != "gguf"):
+        kw["device_map"] = {"": dev.index or 0}
+    try:
+        m = AutoModelForCausalLM.from_pretrained(**kw)
+        tok = AutoTokenizer.from_pretrained(**{k: v for k, v in src.items()}, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers/gguf raise many types for unreadable checkpoints; all are user errors
+        raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
+    if kind == "gguf":  # GGUF weights are dequantized; forget the gguf quantizer so save_pretrained works
+        m.hf_quantizer = None
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
+    if device_map is None and dev.type == "cpu":
+        m.to(dev)
+    m.eval()
+    m.config.use_cache = False
+    m.config._name_or_path = model if kind == "hub" else m.config._name_or_path
+    log.info("loaded %s (%s, %s) on %s", model, config.model_type, torch_dtype, dev)
+    return m, tok
+
+
+def is_quantized(model) -> bool:
+    qc = getattr(model.config, "quantization_config", None)
+    return bool(qc)
+
+
+def base_model_id(model: str) -> str:
+    """What the model card calls the base model: the Hub id when known, else the path."""
+    if model == OFFLINE_MODEL:
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    p = Path(model)
+    if p.is_dir() and (p / "llmq_report.json").is_file():
+        return json.loads((p / "llmq_report.json").read_text()).get("base_model", model)
+    return model

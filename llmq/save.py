@@ -1,0 +1,75 @@
+"""Atomic output folders and the quantized checkpoint layout.
+
+Everything is written into a hidden temporary folder beside the destination and renamed into place at the
+end, so an error, Ctrl-C or SIGTERM never leaves a half-written output, and an existing output is only
+replaced (with --overwrite) once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+TMP_MARK = ".llmq-tmp-"
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Validate the destination before any expensive work; returns it resolved."""
+    p = Path(out).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"output {str(out)!r} is a file; give a folder path for --out")
+    if p.exists() and not overwrite:
+        raise OutputError(f"output {str(out)!r} already exists; pass --overwrite to replace it, or choose "
+                          "another --out")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {str(parent)!r} (permission denied); choose another --out")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes `out`, on any exception it is removed."""
+    dest = check_output(out, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dest.exists():
+            if not overwrite:
+                raise OutputError(f"output {str(out)!r} appeared while running; not replacing it")
+            old = dest.parent / f".{dest.name}{TMP_MARK}old-{os.getpid()}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+
+def save_checkpoint(model, tokenizer, folder: Path) -> None:
+    """Weights (safetensors only), config with quantization_config, tokenizer and generation config."""
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
+    tokenizer.save_pretrained(folder)
+    stray = [f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    if stray:  # defensive: never ship pickle files
+        raise OutputError(f"refusing to write non-safetensors files {stray}")

@@ -1,0 +1,160 @@
+"""Int8 conversion, the smoothquant pipeline, and checkpoints that stock transformers reloads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_text, tiny_tokenizer
+
+from llmq.config import Calibration, Quantization, Recipe, Smoothing
+from llmq.pipeline import quantize_model_
+from llmq.quantize import linear_names, quantize_, skipped
+from llmq.save import save_checkpoint
+
+RELOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    out = m(ids).logits
+assert "llmq" not in sys.modules
+torch.save({"logits": out, "types": sorted({type(x).__name__ for x in m.modules()})}, sys.argv[3])
+"""
+
+
+def _windows(n=8, seq=32, seed=1):
+    return torch.randint(3, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _recipe(method, alpha=0.5):
+    return Recipe(calibration=Calibration(samples=8, seq_len=32),
+                  smoothing=Smoothing(alpha=alpha, auto_tokens=64), quantization=Quantization(method=method))
+
+
+def test_skip_rule():
+    assert skipped("lm_head", ("lm_head",)) and skipped("model.lm_head", ("lm_head",))
+    assert not skipped("model.layers.0.mlp.up_proj", ("lm_head",))
+    assert skipped("model.layers.0.mlp.up_proj", ("model.layers.0.mlp.up_proj",))
+
+
+def test_threshold_changes_output_on_outlier_column():
+    """LLM.int8's threshold must act on CPU: an injected outlier column is computed in high precision."""
+    from types import SimpleNamespace
+
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 5] = 40.0  # an outlier feature, as in LLM.int8's analysis
+    outs, ref = {}, None
+    for t in (0.0, 6.0):
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+        m.config = SimpleNamespace()
+        with torch.no_grad():
+            ref = m(x)
+        quantize_(m, Quantization(method="llm-int8", threshold=t, skip=()), progress=False)
+        assert m.config.quantization_config["llm_int8_threshold"] == t
+        with torch.no_grad():
+            outs[t] = m(x).float()
+    err0, err6 = (outs[0.0] - ref).abs().mean(), (outs[6.0] - ref).abs().mean()
+    assert not torch.equal(outs[0.0], outs[6.0])
+    assert err6 < err0 / 2, (err0, err6)
+
+
+def test_replaced_modules_keep_eval_mode():
+    """bitsandbytes on CPU ignores the threshold in training mode (it dequantizes instead): the Int8
+    modules must inherit the model's eval mode, or W8A8 silently becomes W8A16."""
+    model = tiny_llama()
+    quantize_(model, Quantization(method="smoothquant"), progress=False)
+    int8 = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
+    assert int8 and not any(m.training for m in int8)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "llm-int8", "weight-only"])
+def test_saved_checkpoint_reloads_with_stock_transformers(tmp_path, method):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    report, stats = quantize_model_(model, tok, _recipe(method), windows=_windows(), progress=False)
+    assert report["method"] == method
+    assert (stats is not None) == (method == "smoothquant")
+    save_checkpoint(model, tok, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["load_in_8bit"]
+    assert cfg["llm_int8_threshold"] == Quantization(method=method).effective_threshold
+    ids = [[5, 9, 33, 7, 101, 200, 17, 3]]
+    with torch.no_grad():
+        ours = model(torch.tensor(ids)).logits
+    out = tmp_path / "reload.pt"
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "q"), json.dumps(ids), str(out)], check=True)
+    got = torch.load(out)
+    assert "Linear8bitLt" in got["types"]
+    assert torch.equal(got["logits"], ours), (got["logits"] - ours).abs().max()
+    assert sorted(p.name for p in (tmp_path / "q").glob("*.bin")) == []
+
+
+def test_int8_weights_take_one_byte(tmp_path):
+    from safetensors import safe_open
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    quantize_model_(model, tok, _recipe("llm-int8"), progress=False)
+    save_checkpoint(model, tok, tmp_path)
+    names = linear_names(tiny_llama(), ("lm_head",))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for n in names:
+            w = f.get_tensor(n + ".weight")
+            assert w.dtype == torch.int8
+            assert f.get_tensor(n + ".SCB").shape == (w.shape[0],)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, "auto"])
+def test_smoothquant_alpha_modes(alpha):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    report, _ = quantize_model_(model, tok, _recipe("smoothquant", alpha), windows=_windows(), progress=False)
+    alphas = report["alphas"]
+    assert alphas and all(k.startswith("model.layers.") for k in alphas)
+    if alpha == "auto":
+        assert set(alphas.values()) <= set(Smoothing().grid)
+    else:
+        assert set(alphas.values()) == {alpha}
+
+
+def test_auto_never_worse_than_no_smoothing_on_calibration_error():
+    from llmq.alpha import search_alpha_
+    from llmq.calibrate import calibrate
+    from llmq.smooth import smooth_targets
+
+    model = tiny_llama()
+    with torch.no_grad():  # plant outlier channels like real LLMs have
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = 30.0
+    targets = smooth_targets(model)
+    names = sorted({n for t in targets for n in t.linear_names})
+    stats = calibrate(model, _windows(), names, sample_names=tuple(t.linear_names[0] for t in targets),
+                      sample_tokens=128, progress=False)
+    chosen, errors = search_alpha_(model, targets, stats, Smoothing().grid, progress=False)
+    for key, errs in errors.items():
+        assert errs[f"{chosen[key]:g}"] <= errs["0"]
+    assert any(a > 0 for a in chosen.values())  # the outliers make smoothing worth it somewhere
+
+
+def test_calibration_is_running_max():
+    from llmq.calibrate import calibrate
+
+    model = tiny_llama()
+    w = _windows(n=4)
+    name = "model.layers.0.mlp.down_proj"
+    both = calibrate(model, w, [name], progress=False).act_max[name]
+    a = calibrate(model, w[:2], [name], progress=False).act_max[name]
+    b = calibrate(model, w[2:], [name], progress=False).act_max[name]
+    assert torch.equal(both, torch.maximum(a, b))
+
+
+def test_text_pipeline_with_tokenizer():
+    """The pipeline tokenizes a real text source when no windows are passed in."""
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tmp = __import__("tempfile").mkdtemp()
+    path = f"{tmp}/calib.txt"
+    open(path, "w").write(tiny_text(2000))
+    rec = _recipe("smoothquant").override({"calibration.source": path})
+    report, stats = quantize_model_(model, tok, rec, progress=False)
+    assert stats.tokens == 8 * 32

@@ -1,0 +1,296 @@
+"""Smoothing is exact: for every family in llmq/arch.py, smooth_ leaves float32 logits unchanged.
+
+Adding a family = one entry in llmq/arch.py + one case in CASES below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmq.arch import ARCHS, get_arch
+from llmq.config import GROUPS
+from llmq.errors import ConfigError, NumericalError, UnsupportedArchitecture
+from llmq.smooth import (
+    act_max,
+    apply_scales_,
+    expand_to_inputs,
+    linear_weight,
+    smooth_,
+    smooth_targets,
+    smoothing_scales,
+    weight_max,
+)
+
+HID, FFN, V = 64, 128, 128  # hidden, intermediate, vocab
+GQA = dict(num_attention_heads=4, num_key_value_heads=2)
+ALL4 = ("attn", "v_o", "mlp", "up_down")
+
+
+def _cfg(name: str, **kw):
+    import transformers
+
+    return getattr(transformers, name)(vocab_size=V, **kw)
+
+
+def _llama_like(name: str, **kw):
+    return lambda: _cfg(name, hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2, **GQA, **kw)
+
+
+def _gemma3_multimodal():
+    text = dict(hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2, head_dim=16, vocab_size=V, **GQA)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    import transformers
+
+    return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                     image_token_index=V - 1, boi_token_index=V - 3, eoi_token_index=V - 2)
+
+
+def _opt(pre_ln: bool):
+    return lambda: _cfg("OPTConfig", hidden_size=HID, ffn_dim=FFN, num_hidden_layers=2, num_attention_heads=4,
+                        word_embed_proj_dim=HID, do_layer_norm_before=pre_ln)
+
+
+def _falcon(**kw):
+    kw.update(hidden_size=HID, num_hidden_layers=2, num_attention_heads=4, bias=True)
+    return lambda: _cfg("FalconConfig", **kw)
+
+
+# id -> (config factory, groups that must produce targets)
+CASES = {
+    "llama": (_llama_like("LlamaConfig", attention_bias=True, mlp_bias=True), ALL4),
+    "mistral": (_llama_like("MistralConfig"), ALL4),
+    "qwen2": (_llama_like("Qwen2Config"), ALL4),
+    "qwen3": (_llama_like("Qwen3Config", head_dim=16), ALL4),
+    "gemma": (_llama_like("GemmaConfig", head_dim=16), ALL4),
+    "gemma2": (_llama_like("Gemma2Config", head_dim=16), ALL4),
+    "gemma3_text": (_llama_like("Gemma3TextConfig", head_dim=16), ALL4),
+    "gemma3": (_gemma3_multimodal, ALL4),
+    "phi3": (_llama_like("Phi3Config", pad_token_id=0), ALL4),
+    "opt": (_opt(pre_ln=True), ("attn", "v_o", "mlp")),
+    "opt-post-ln": (_opt(pre_ln=False), ("v_o",)),  # post-LN norms also feed the residual: not smoothable
+    "gpt2": (lambda: _cfg("GPT2Config", n_embd=HID, n_layer=2, n_head=4), ("attn", "v_o", "mlp")),
+    "gpt_neox-parallel": (lambda: _cfg("GPTNeoXConfig", hidden_size=HID, intermediate_size=FFN,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       use_parallel_residual=True), ("attn", "mlp")),
+    "gpt_neox-sequential": (lambda: _cfg("GPTNeoXConfig", hidden_size=HID, intermediate_size=FFN,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         use_parallel_residual=False), ("attn", "mlp")),
+    "falcon-new": (_falcon(new_decoder_architecture=True, num_kv_heads=2), ("attn", "mlp")),
+    "falcon-new-1ln": (_falcon(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+                       ("attn",)),
+    "falcon-old-parallel-mq": (_falcon(new_decoder_architecture=False, parallel_attn=True, multi_query=True),
+                               ("attn", "v_o")),
+    "falcon-old-sequential": (_falcon(new_decoder_architecture=False, parallel_attn=False, multi_query=False,
+                                      alibi=True), ("attn", "mlp")),
+    "bloom": (lambda: _cfg("BloomConfig", hidden_size=HID, n_layer=2, n_head=4), ("attn", "mlp")),
+}
+
+
+def test_every_table_family_has_a_case():
+    covered = {factory().model_type for factory, _ in CASES.values()}
+    assert sorted(covered) == sorted(ARCHS)
+
+
+def _build(case: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = CASES[case][0]()
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # norms init to 1 (Gemma 0) and biases to 0 would hide bugs
+                p.add_(torch.randn_like(p) * 0.3)
+    return model, cfg
+
+
+def _act_scales(model, targets, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in targets:
+        n = linear_weight(model.get_submodule(t.linear_names[0])).shape[1]
+        x = torch.exp(torch.randn(n, generator=g) * 2)
+        out.update(dict.fromkeys(t.linear_names, x))
+    return out
+
+
+def _logits(model):
+    ids = torch.randint(0, V - 4, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_smoothing_is_exact(case):
+    model, _ = _build(case)
+    targets = smooth_targets(model)
+    assert sorted({t.group for t in targets}) == sorted(CASES[case][1])
+    arch = get_arch(model.config.model_type)
+    claimed = {g.name for g in arch.active_groups(model.config.get_text_config())}
+    assert claimed == {t.group for t in targets}
+    assert len({t.key for t in targets}) == len(targets)
+    ref, before = _logits(model), _snapshot(model)
+    used = smooth_(model, _act_scales(model, targets), 0.5)
+    assert used == {t.key: 0.5 for t in targets}
+    after = _snapshot(model)
+    for t in targets:
+        for name in (t.prev_name, *t.linear_names):
+            assert not torch.equal(before[f"{name}.weight"], after[f"{name}.weight"]), (t.key, name)
+    diff = (_logits(model) - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    print(f"{case}: max |logit diff| {diff:.2e} (logit scale {scale:.2f})")
+    assert diff <= 1e-4 * max(1.0, scale), diff
+
+
+@pytest.mark.parametrize("case", ["phi3", "gpt2", "falcon-old-parallel-mq"])
+def test_fused_tail_only_divides_the_tail_rows(case):
+    model, _ = _build(case)
+    targets = smooth_targets(model, groups=("v_o", "up_down"))
+    assert targets and all(t.prev_rows is not None for t in targets)
+    ref, before = _logits(model), _snapshot(model)
+    smooth_(model, _act_scales(model, targets), 0.7, groups=("v_o", "up_down"))
+    for t in targets:
+        new = linear_weight(model.get_submodule(t.prev_name))
+        old = before[f"{t.prev_name}.weight"]
+        old = old if old.shape == new.shape else old.t()  # Conv1D stores [in, out]
+        lo, hi = t.prev_rows
+        assert hi == new.shape[0] and hi - lo == t.channels
+        assert torch.equal(old[:lo], new[:lo]) and not torch.equal(old[lo:], new[lo:])
+    assert (_logits(model) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_per_target_alpha_dict_and_zero_entries():
+    model, _ = _build("llama")
+    targets = smooth_targets(model)
+    g = torch.Generator().manual_seed(3)
+    alphas = {t.key: 0.0 if i % 3 == 0 else float(torch.rand(1, generator=g)) for i, t in enumerate(targets)}
+    ref, before = _logits(model), _snapshot(model)
+    assert smooth_(model, _act_scales(model, targets), alphas) == alphas
+    after = _snapshot(model)
+    for t in targets:
+        changed = not torch.equal(before[f"{t.linear_names[0]}.weight"], after[f"{t.linear_names[0]}.weight"])
+        assert changed == (alphas[t.key] != 0), t.key
+    assert (_logits(model) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    with pytest.raises(ConfigError, match="missing"):
+        smooth_(model, _act_scales(model, targets), {targets[0].key: 0.5})
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2", "gpt2", "falcon-new"])
+def test_alpha_zero_is_bit_identical(case):
+    model, _ = _build(case)
+    targets = smooth_targets(model)
+    before = _snapshot(model)
+    assert set(smooth_(model, _act_scales(model, targets), 0.0).values()) == {0.0}
+    after = _snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_smoothing_scales_formula():
+    a = torch.tensor([4.0, 1.0, 0.0, 100.0, 9.0])
+    w = torch.tensor([1.0, 4.0, 2.0, 0.0, 9.0])
+    s = smoothing_scales(a, w, 0.5)
+    want = [2.0, 0.5, math.sqrt(1e-5) / math.sqrt(2.0), 10.0 / math.sqrt(1e-5), 1.0]
+    torch.testing.assert_close(s, torch.tensor(want), rtol=1e-6, atol=0)
+    s = smoothing_scales(a, w, 0.8)
+    want = [4 ** 0.8, 1.0 / 4 ** 0.2, max(1e-5 ** 0.8 / 2 ** 0.2, 1e-5), 100 ** 0.8 / 1e-5 ** 0.2, 9 ** 0.6]
+    torch.testing.assert_close(s, torch.tensor(want), rtol=1e-5, atol=0)
+    torch.testing.assert_close(smoothing_scales(a, w, 1.0), a.clamp(min=1e-5))
+    assert torch.equal(smoothing_scales(a, w, 0.0), torch.ones(5))
+
+
+def test_gqa_v_o_reduce_and_expand():
+    model, cfg = _build("llama")
+    kv, heads, hd = cfg.num_key_value_heads, cfg.num_attention_heads, HID // cfg.num_attention_heads
+    (t,) = [t for t in smooth_targets(model, groups=("v_o",)) if t.key == "model.layers.0.v_o"]
+    assert (t.n_rep, t.head_dim, t.channels) == (heads // kv, hd, kv * hd)
+    s = torch.arange(1.0, kv * hd + 1)
+    e = expand_to_inputs(t, s)
+    assert e.shape == (heads * hd,)
+    for h in range(heads):
+        assert torch.equal(e[h * hd:(h + 1) * hd], s[(h // t.n_rep) * hd:(h // t.n_rep + 1) * hd])
+    x = torch.rand(heads * hd)
+    am = act_max(t, {"model.layers.0.self_attn.o_proj": x})
+    assert torch.equal(am, x.view(kv, t.n_rep, hd).amax(1).reshape(-1))
+    wm = weight_max(model, t)
+    o = model.get_submodule("model.layers.0.self_attn.o_proj").weight.abs().amax(0)
+    assert torch.equal(wm, o.view(kv, t.n_rep, hd).amax(1).reshape(-1))
+
+
+def test_conv1d_linear_weight_is_out_in_view():
+    model, _ = _build("gpt2")
+    c = model.get_submodule("transformer.h.0.attn.c_attn")
+    w = linear_weight(c)
+    assert w.shape == (3 * HID, HID) and w.data_ptr() == c.weight.data_ptr()
+
+
+def test_unsupported_architecture_lists_supported_types():
+    from transformers import AutoModelForCausalLM, BertConfig
+
+    for mt in ("bert", "t5"):
+        with pytest.raises(UnsupportedArchitecture) as e:
+            get_arch(mt)
+        msg = str(e.value)
+        assert repr(mt) in msg and "--method llm-int8" in msg and "--method weight-only" in msg
+        assert all(k in msg for k in ARCHS)
+    cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, is_decoder=True)
+    with pytest.raises(UnsupportedArchitecture, match="'bert'"):
+        smooth_targets(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_bad_scales_and_act_scales_raise():
+    model, _ = _build("llama")
+    targets = smooth_targets(model)
+    scales = _act_scales(model, targets)
+    bad = dict(scales)
+    bad["model.layers.1.mlp.down_proj"] = scales["model.layers.1.mlp.down_proj"].clone()
+    bad["model.layers.1.mlp.down_proj"][3] = float("inf")
+    with pytest.raises(NumericalError, match="model.layers.1.up_down"):
+        smooth_(model, bad, 0.5)
+    t = targets[0]
+    with pytest.raises(NumericalError, match=t.key):
+        apply_scales_(model, t, torch.full((t.channels,), float("nan")))
+    with pytest.raises(ConfigError, match="no entry"):
+        smooth_(model, {}, 0.5)
+    with pytest.raises(ConfigError, match="unknown smoothing groups"):
+        smooth_targets(model, groups=("attn", "qk"))
+    with pytest.raises(ConfigError, match="alpha"):
+        smooth_(model, scales, 1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_dtype(dtype):
+    model, _ = _build("gemma2", dtype)
+    targets = smooth_targets(model)
+    smooth_(model, _act_scales(model, targets), 0.5)
+    for t in targets:
+        for name in (t.prev_name, *t.linear_names):
+            p = model.get_submodule(name).weight
+            assert p.dtype == dtype and torch.isfinite(p).all()
+
+
+@pytest.mark.slow
+def test_real_smollm2_logits_unchanged(smol_folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float32).eval()
+    targets = smooth_targets(model)
+    assert len(targets) == 4 * model.config.num_hidden_layers and {t.group for t in targets} == set(GROUPS)
+    v_o = [t for t in targets if t.group == "v_o"]
+    assert all((t.n_rep, t.head_dim) == (3, 64) for t in v_o)
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    smooth_(model, _act_scales(model, targets), 0.5)
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - ref).abs().max().item()
+    print(f"SmolLM2: max |logit diff| {diff:.2e} (logit scale {ref.abs().max().item():.2f})")
+    assert diff <= 1e-4 * ref.abs().max().item()
