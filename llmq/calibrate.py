@@ -54,6 +54,7 @@ def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: t
                 rows[name].append(x[picks[0].to(x.device)].float().cpu())
         return fn
 
+    log.info("calibrating %d linears on %d windows of %d tokens", len(names), n_win, windows.shape[1])
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     device = _device_of(model)
     # The LM head is never smoothed: run only the decoder body when every hooked module lives in it.

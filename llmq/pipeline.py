@@ -14,7 +14,7 @@ from .calibrate import CalibrationStats, calibrate, load_act_scales, save_act_sc
 from .config import Recipe
 from .data import calibration_windows, load_text, tokenize
 from .errors import ConfigError
-from .load import base_model_id, load
+from .load import base_model_id, check_seq_len, load
 from .memory import PeakMemory
 from .quantize import check_finite_weights, check_fp16_range, quantize_
 from .save import atomic_dir, check_output, save_checkpoint, write_json
@@ -30,10 +30,11 @@ def versions() -> dict[str, str]:
             "bitsandbytes": bitsandbytes.__version__}
 
 
-def _calibration_windows(tokenizer, recipe: Recipe) -> torch.Tensor:
+def _calibration_windows(tokenizer, recipe: Recipe, text: str | None = None) -> torch.Tensor:
     cal = recipe.calibration
+    text = load_text(cal.source, "calibration") if text is None else text
     # 8x the needed tokens leaves room for seeded sampling without tokenizing whole dataset shards
-    ids = tokenize(tokenizer, load_text(cal.source, "calibration"), max_tokens=8 * cal.samples * cal.seq_len)
+    ids = tokenize(tokenizer, text, max_tokens=8 * cal.samples * cal.seq_len)
     return calibration_windows(ids, cal.samples, cal.seq_len, cal.seed)
 
 
@@ -96,15 +97,26 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
     from .smooth import smooth_targets
 
     dest = check_output(out, overwrite)  # fail in the first second, not after calibration
-    model, tok = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
-                      trust_remote_code=recipe.trust_remote_code)
-    windows = None
-    if recipe.quantization.method == "smoothquant":
-        smooth_targets(model, recipe.smoothing.groups)  # unsupported architecture: fail before calibrating
-        if recipe.smoothing.alpha == "auto" or not recipe.calibration.act_scales:
-            windows = _calibration_windows(tok, recipe)
+    cal = recipe.calibration
+    smoothquant = recipe.quantization.method == "smoothquant"
+    calibrating = smoothquant and (recipe.smoothing.alpha == "auto" or not cal.act_scales)
+    # inputs that need no model fail before it loads: a bad text source, a missing --act-scales
+    cal_text = load_text(cal.source, "calibration") if calibrating else None
+    if smoothquant and cal.act_scales:
+        load_act_scales(cal.act_scales)
     if evaluate:
         load_text(recipe.evaluation.data, "evaluation")  # a bad eval source fails now, not after quantizing
+    model, tok = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
+                      trust_remote_code=recipe.trust_remote_code)
+    if calibrating:
+        check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
+    if evaluate:
+        check_seq_len(model, recipe.evaluation.seq_len + recipe.evaluation.bos, "evaluation.seq_len")
+    windows = None
+    if smoothquant:
+        smooth_targets(model, recipe.smoothing.groups)  # unsupported architecture: fail before calibrating
+        if calibrating:
+            windows = _calibration_windows(tok, recipe, cal_text)
     report: dict[str, Any] = {"llmq_version": __version__, "base_model": base_model_id(recipe.model),
                               "license": _license(recipe.model), "command": command, "versions": versions()}
     with atomic_dir(dest, overwrite) as tmp:
@@ -121,6 +133,7 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
         (tmp / "llmq_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         report["evaluation"] = None
         if evaluate:
+            log.info("checkpoint written to %s; evaluating FP vs INT8 on %s", tmp, recipe.evaluation.data)
             fp, _ = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
                          trust_remote_code=recipe.trust_remote_code)
             r_fp = evaluate_model(fp, tok, recipe.evaluation, progress=progress)
