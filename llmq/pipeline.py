@@ -60,7 +60,10 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
             if not names <= set(stats.act_max):
                 raise ConfigError(f"--act-scales {cal.act_scales!r} does not match this model (it lacks "
                                   f"{sorted(names - set(stats.act_max))[:2]}...); recalibrate without it")
-        if auto or stats is None:
+        alphas = {t.key: 0.0 for t in targets}
+        if not auto and sm.alpha == 0.0 and stats is None:
+            stats = CalibrationStats(act_max={})  # alpha 0 = no smoothing: nothing to calibrate
+        elif auto or stats is None:
             if windows is None:
                 windows = _calibration_windows(tokenizer, recipe)
             names = sorted({n for t in targets for n in t.linear_names})
@@ -75,13 +78,17 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
             from .alpha import search_alpha_
 
             alphas, _ = search_alpha_(model, targets, stats, sm.grid, progress=progress)
-        else:
+        elif sm.alpha != 0.0:
             alphas = smooth_(model, stats.act_max, sm.alpha, sm.groups)
         report.update(alpha=sm.alpha, alphas=alphas,
                       calibration={"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len,
                                    "seed": cal.seed, "tokens": stats.tokens,
                                    "act_scales": cal.act_scales})
     quantize_(model, q, progress=progress)
+    if stats is not None and not stats.act_max:
+        stats = None  # nothing was calibrated: no act_scales file
+    if windows is None and q.method == "smoothquant":
+        windows = _calibration_windows(tokenizer, recipe)
     if windows is not None:
         check_fp16_range(model, windows[:1])
     return report, stats
