@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Evaluation
-from .errors import ConfigError, DataError, NumericalError
+from .errors import ConfigError, NumericalError
 from .memory import PeakMemory, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,18 @@ def _dtype_name(model: torch.nn.Module) -> str:
     return "+".join(names) or "none"
 
 
-def _windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
-    return [w for w in torch.split(ids, seq_len) if w.numel() >= 2]
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    get = getattr(model, "get_output_embeddings", None)
+    weight = getattr(get(), "weight", None) if get is not None else None
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def check_same_vocab(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """ConfigError unless both models score the same vocabulary (KL/top-1 compare their logits)."""
+    a, b = _vocab_size(model), _vocab_size(reference)
+    if a is not None and b is not None and a != b:
+        raise ConfigError(f"the model has a vocabulary of {a} tokens and the reference {b}: KL and top-1 "
+                          "compare models that share a tokenizer; give another --reference")
 
 
 def _check_finite(logits: torch.Tensor, i: int, who: str) -> None:
@@ -89,6 +99,25 @@ def _check_finite(logits: torch.Tensor, i: int, who: str) -> None:
         raise NumericalError(
             f"non-finite logits in window {i} from the {who} (dtype {logits.dtype}); evaluate in float32 or "
             "check the weights for inf/nan (e.g. float16 overflow or a broken quantization)")
+
+
+def _nll(logits: torch.Tensor, target: torch.Tensor, i: int, *, normalized: bool = False) -> float:
+    """Summed NLL of one window (`normalized`: `logits` are already log-probabilities).
+
+    cross_entropy (= log_softmax + gather) rather than separate passes: on CPU every extra pass over the
+    [seq_len, vocab] logits costs several % of a 135M model's forward. nan or +inf anywhere in a scored
+    row makes that row's NLL non-finite, so checking the NLL replaces an isfinite pass (-inf off the
+    target is a legitimate zero probability)."""
+    if normalized:
+        rows = -logits.gather(1, target[:, None])
+    else:
+        rows = F.cross_entropy(logits.float(), target, reduction="none")
+    total = rows.sum(dtype=torch.float64).item()
+    if not math.isfinite(total):
+        raise NumericalError(
+            f"non-finite logits in window {i} (NLL {total}, dtype {logits.dtype}); evaluate in float32 or "
+            "check the weights for inf/nan (e.g. float16 overflow or a broken quantization)")
+    return total
 
 
 def _sync(device: torch.device) -> None:
@@ -99,13 +128,16 @@ def _sync(device: torch.device) -> None:
 def protocol_text(*, n_ids: int, max_tokens: int | None, seq_len: int, windows: list[torch.Tensor],
                   bos_id: int | None, scored: int, data: str | None) -> str:
     """The perplexity protocol as one paragraph with this run's numbers."""
-    last = windows[-1].numel() if windows else 0
+    last = windows[-1].numel()
     partial = f"the last has {last}" if last != seq_len else "all full"
+    if sum(w.numel() for w in windows) < n_ids:
+        partial += ", a 1-token remainder is not scored"
     bos = (f"BOS (id {bos_id}) prepended to each window as context, so every text token is scored"
            if bos_id is not None else "no BOS inserted, so the first token of each window is unscored")
-    return (f"Perplexity over {data or 'the given token ids'}: tokenized without special tokens, first "
-            f"{n_ids} tokens kept (max_tokens={max_tokens}); {len(windows)} non-overlapping windows of "
-            f"{seq_len} tokens (stride {seq_len}; {partial}), each an independent sequence with no cache "
+    source = f"{data}, tokenized without special tokens" if data else "the given token ids"
+    return (f"Perplexity over {source}: first {n_ids} tokens kept (max_tokens={max_tokens}); "
+            f"{len(windows)} non-overlapping windows of {seq_len} tokens (stride {seq_len}; {partial}), "
+            "each an independent sequence with no cache "
             f"carried over; {bos}; {scored} tokens scored; perplexity = exp(total NLL / scored tokens), "
             "NLL from float32 log-softmax summed in float64.")
 
@@ -117,14 +149,16 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
     """Score 1-D token `ids` with the protocol in this module's docstring (BOS prepended if `bos_id`)."""
     from tqdm.auto import tqdm
 
-    if seq_len < 2:
-        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
+    from .data import eval_windows
+
     ids = ids.reshape(-1).long()
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    windows = _windows(ids, seq_len)
-    if not windows:
-        raise DataError(f"the text has {ids.numel()} tokens; perplexity needs at least 2; use a longer text")
+    windows = eval_windows(ids, seq_len)
+    if model.training:
+        log.warning("evaluating a model in training mode (dropout active); call model.eval() first")
+    if reference is not None:
+        check_same_vocab(model, reference)
     device = input_device(model)
     ref_device = input_device(reference) if reference is not None else None
     bos = torch.tensor([bos_id], dtype=torch.long) if bos_id is not None else None
@@ -145,27 +179,24 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
             logits = model(x_dev[None], use_cache=False).logits[0, :-1]
             _sync(device)
             seconds += time.perf_counter() - t0
-            _check_finite(logits, i, "model")
-            logp = F.log_softmax(logits.float(), dim=-1)
-            del logits
-            target = x_dev[1:].to(logp.device)
-            nll += -logp.gather(1, target[:, None]).sum(dtype=torch.float64).item()
+            target = x_dev[1:].to(logits.device)
             scored += target.numel()
             fed += x.numel()
-            if reference is not None:
-                ref_logits = reference(x.to(ref_device)[None], use_cache=False).logits[0, :-1]
-                _check_finite(ref_logits, i, "reference")
-                ref_logp = F.log_softmax(ref_logits.to(logp.device).float(), dim=-1)
-                del ref_logits
-                kl += F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(
-                    dtype=torch.float64).item()
-                agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
-                del ref_logp
-            del logp
+            if reference is None:
+                nll += _nll(logits, target, i)
+                continue
+            logp = F.log_softmax(logits.float(), dim=-1)
+            del logits
+            nll += _nll(logp, target, i, normalized=True)
+            ref_logits = reference(x.to(ref_device)[None], use_cache=False).logits[0, :-1]
+            _check_finite(ref_logits, i, "reference")
+            ref_logp = F.log_softmax(ref_logits.to(logp.device).float(), dim=-1)
+            del ref_logits
+            kl += F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(dtype=torch.float64).item()
+            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
+            del logp, ref_logp
 
     mean_nll = nll / scored
-    if not math.isfinite(mean_nll):
-        raise NumericalError(f"mean NLL is {mean_nll} over {scored} tokens; check the model for inf/nan")
     return EvalResult(
         perplexity=math.exp(mean_nll), nll=mean_nll, tokens=scored, seq_len=seq_len, windows=len(windows),
         max_tokens=max_tokens, bos=bos_id is not None,
@@ -192,6 +223,11 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos_id is None:
             raise ConfigError("evaluation.bos is true but the tokenizer has no bos_token_id; set bos: false")
+    from .load import check_seq_len
+
+    for m in (model, reference):
+        if m is not None:
+            check_seq_len(m, cfg.seq_len + cfg.bos, "evaluation.seq_len (--seq-len)")
     text = load_text(cfg.data, purpose="evaluation")
     ids = tokenize(tokenizer, text, max_tokens=cfg.max_tokens)
     result = evaluate_ids(model, ids, cfg.seq_len, bos_id=bos_id, reference=reference, progress=progress,
