@@ -12,6 +12,8 @@ The public names are imported lazily, so `import llmq` and `llmq --help` stay fa
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -30,3 +32,16 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'llmq' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`import llmq.evaluate` would rebind `llmq.evaluate` to the submodule; keep the public function
+    (likewise `load` and `calibrate`). The submodules stay importable as `from llmq.evaluate import ...`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -35,7 +35,9 @@ def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: t
     the windows. Raises NumericalError naming the layer if an input holds inf/nan.
     """
     act_max: dict[str, torch.Tensor] = {}
-    rows: dict[str, list[torch.Tensor]] = {n: [] for n in sample_names}
+    # one preallocated buffer per sampled module: many small per-window tensors fragment the heap (GBs)
+    rows: dict[str, torch.Tensor] = {}
+    filled: dict[str, int] = dict.fromkeys(sample_names, 0)
     n_win = windows.shape[0]
     per_window = -(-sample_tokens // n_win) if sample_tokens else 0
     gen = torch.Generator().manual_seed(seed)
@@ -50,8 +52,13 @@ def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: t
                                      "calibration; check the model's weights and dtype (try --dtype float32)")
             prev = act_max.get(name)
             act_max[name] = cur if prev is None else torch.maximum(prev, cur)
-            if name in rows and picks:
-                rows[name].append(x[picks[0].to(x.device)].float().cpu())
+            if name in filled and picks and filled[name] < sample_tokens:
+                got = x[picks[0].to(x.device)].float().cpu()[: sample_tokens - filled[name]]
+                buf = rows.get(name)
+                if buf is None:
+                    buf = rows[name] = torch.empty(sample_tokens, x.shape[-1])
+                buf[filled[name]:filled[name] + got.shape[0]] = got
+                filled[name] += got.shape[0]
         return fn
 
     log.info("calibrating %d linears on %d windows of %d tokens", len(names), n_win, windows.shape[1])
@@ -73,7 +80,7 @@ def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: t
     missing = sorted(set(names) - set(act_max))
     if missing:
         raise NumericalError(f"calibration never reached {missing[:3]}...; the model's forward skips them")
-    samples = {n: torch.cat(r)[:sample_tokens] for n, r in rows.items() if r}
+    samples = {n: buf[:filled[n]] for n, buf in rows.items()}
     log.info("calibrated %d linears on %d tokens", len(names), windows.numel())
     return CalibrationStats(act_max={k: v.cpu() for k, v in act_max.items()}, samples=samples,
                             tokens=int(windows.numel()))
@@ -100,4 +107,5 @@ def load_act_scales(path) -> CalibrationStats:
     try:
         return CalibrationStats(act_max={k: v.float() for k, v in load_file(str(p)).items()})
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"--act-scales {str(p)!r} is not a readable safetensors file: {e}") from None
+        raise ConfigError(f"--act-scales {str(p)!r} is not a readable safetensors file ({e}); pass the "
+                          "act_scales.safetensors of an earlier llmq output") from None
