@@ -84,7 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", action="store_true", help="evaluate FP vs INT8 (perplexity, KL, top-1, memory, speed)")
     q.add_argument("--push", default=None, metavar="REPO_ID", help="upload the output to the Hub afterwards")
     q.add_argument("--private", action="store_true", help="with --push: create a private repo")
+    q.add_argument("--sequential", action="store_true",
+                   help="quantize layer by layer (for models larger than memory; automatic when needed)")
+    q.add_argument("--max-memory", default=None,
+                   help="memory budget, e.g. 24GiB or 0=20GiB,cpu=64GiB (default: what is free now)")
     _model_args(q)
+
+    pl = sub.add_parser("plan", help="estimate weight bytes and the peak memory of quantizing, from the config")
+    pl.add_argument("model", help=f"folder, .gguf, Hub id, or {OFFLINE_MODEL}")
+    pl.add_argument("--method", choices=METHODS, default="smoothquant")
+    pl.add_argument("--dtype", choices=DTYPES, default="auto")
+    pl.add_argument("--max-memory", default=None, help="memory budget, e.g. 24GiB or 0=20GiB,cpu=64GiB")
+    pl.add_argument("--calib-samples", type=int, default=None)
+    pl.add_argument("--calib-seq-len", type=int, default=None)
 
     p = sub.add_parser("push", help="upload an llmq output folder to the Hugging Face Hub")
     p.add_argument("folder")
@@ -121,7 +133,10 @@ def _max_memory(spec: str | None) -> dict | None:
 
 def cmd_fetch(a) -> int:
     from .assets import fetch_all
+    from .save import check_output_file
 
+    if a.json_path:
+        check_output_file(a.json_path)
     paths = {k: str(v) for k, v in fetch_all().items()}
     for k, v in paths.items():
         print(f"{k}: {v}")
@@ -133,10 +148,13 @@ def cmd_fetch(a) -> int:
 def cmd_eval(a) -> int:
     from .config import Evaluation
     from .data import load_text
-    from .evaluate import evaluate, format_table
+    from .evaluate import check_same_vocab, evaluate, format_table
     from .load import load
+    from .save import check_output_file
 
     cfg = Evaluation(data=a.data, seq_len=a.seq_len, max_tokens=a.max_tokens or None, bos=a.bos)
+    if a.json_path:
+        check_output_file(a.json_path)
     load_text(cfg.data, "evaluation")  # bad data fails before loading models
     kw = dict(dtype=a.dtype or "auto", device=a.device or "auto", trust_remote_code=bool(a.trust_remote_code))
     model, tok = load(a.model, device_map=a.device_map, max_memory=_max_memory(a.max_memory),
@@ -145,6 +163,7 @@ def cmd_eval(a) -> int:
     ref = None
     if a.reference:
         ref, _ = load(a.reference, **kw)
+        check_same_vocab(model, ref)
         results["reference"] = evaluate(ref, tok, cfg, progress=not a.quiet)
     results["model"] = evaluate(model, tok, cfg, reference=ref, reference_name=a.reference, progress=not a.quiet)
     print(format_table(results))
@@ -158,15 +177,28 @@ def cmd_eval(a) -> int:
 
 
 def cmd_quantize(a) -> int:
-    from .pipeline import run
+    from .save import check_output
 
     recipe = _recipe_from_args(a)
+    check_output(a.out, a.overwrite)  # bad flags and outputs fail in the first second, before torch loads
     if recipe.push.repo_id:
         from .hub import check_push_args
 
         check_push_args(recipe.push.repo_id)  # bad repo id / no token: fail before quantizing
+    from .pipeline import run
+    from .plan import choose_mode
+
+    max_memory = _max_memory(a.max_memory)
+    sequential, why = choose_mode(recipe, max_memory, asked=a.sequential, evaluate=a.eval)
+    log.info("mode: %s", why)
     command = "llmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    report = run(recipe, a.out, overwrite=a.overwrite, evaluate=a.eval, command=command, progress=not a.quiet)
+    if sequential:
+        from .sequential import run_sequential
+
+        report = run_sequential(recipe, a.out, overwrite=a.overwrite, command=command, progress=not a.quiet,
+                                max_memory=max_memory)
+    else:
+        report = run(recipe, a.out, overwrite=a.overwrite, evaluate=a.eval, command=command, progress=not a.quiet)
     print(f"wrote {a.out} ({report['method']}, threshold {report['threshold']:g}, "
           f"quantized in {report['quantize']['seconds']:.1f} s)")
     if report.get("evaluation"):
@@ -196,7 +228,18 @@ def cmd_push(a) -> int:
     return 0
 
 
-COMMANDS = {"fetch": cmd_fetch, "eval": cmd_eval, "quantize": cmd_quantize, "push": cmd_push}
+def cmd_plan(a) -> int:
+    from .config import Calibration
+    from .plan import detected_budget, estimate, format_plan
+
+    cal = Calibration(samples=a.calib_samples or Calibration.samples, seq_len=a.calib_seq_len or Calibration.seq_len)
+    plan = estimate(a.model, method=a.method, dtype=a.dtype, calib_samples=cal.samples, calib_seq_len=cal.seq_len,
+                    max_memory=_max_memory(a.max_memory) or detected_budget())
+    print(format_plan(plan))
+    return 0
+
+
+COMMANDS = {"fetch": cmd_fetch, "eval": cmd_eval, "quantize": cmd_quantize, "plan": cmd_plan, "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="llmq: %(message)s")
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on CPU that its optional 4-bit kernels are missing; llmq never uses 4-bit
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _on_sigterm)

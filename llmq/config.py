@@ -177,7 +177,11 @@ class Recipe:
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"recipe {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"recipe {str(p)!r} is not valid YAML ({where}{what}); fix it there, "
+                              "e.g. after configs/default.yaml") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(p)!r} must be a mapping of keys, got {type(data).__name__}")
         return cls.from_dict(data, where=str(p))
@@ -190,10 +194,11 @@ class Recipe:
             node = data
             for part in parts[:-1]:
                 if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"unknown recipe key {key!r}")
+                    sections = sorted(k for k, v in data.items() if isinstance(v, dict))
+                    raise ConfigError(f"unknown recipe key {key!r}; sections: {sections}")
                 node = node[part]
             if parts[-1] not in node:
-                raise ConfigError(f"unknown recipe key {key!r}")
+                raise ConfigError(f"unknown recipe key {key!r}; allowed here: {sorted(node)}")
             node[parts[-1]] = value
         return Recipe.from_dict(data, where="overrides")
 

@@ -1,7 +1,9 @@
 """Checkpoint -> (model, tokenizer): a Hub id, a local Hugging Face folder, a `.gguf` file, or `llmq:smollm2`.
 
 Large models: pass `device_map="auto"` and `max_memory` (accelerate places layers on GPUs, then CPU, then
-`offload_folder` on disk). `trust_remote_code` stays off unless the caller asks for it.
+`offload_folder` on disk; `max_memory` alone implies `device_map="auto"`). Pre-quantized bitsandbytes
+checkpoints cannot be offloaded to CPU/disk by transformers: they must fit the GPUs given.
+`trust_remote_code` stays off unless the caller asks for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import OFFLINE_MODEL
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def load_config(model: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(src["pretrained_model_name_or_path"],
                                           trust_remote_code=trust_remote_code, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # a damaged file raises anything (struct.error from a truncated GGUF, ...)
         raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
 
 
@@ -94,7 +96,8 @@ def _explain(model: str, e: BaseException, trust_remote_code: bool) -> str:
                 "(read the code first)")
     if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
         return f"{model!r} is not a causal language model supported by transformers: {msg}"
-    return f"cannot load {model!r}: {msg}"
+    return (f"cannot load {model!r}: {msg[:300]}; the checkpoint may be incomplete or damaged: re-download or "
+            "re-export it")
 
 
 def _check_causal(config, model: str) -> None:
@@ -104,6 +107,15 @@ def _check_causal(config, model: str) -> None:
     if type(config) not in mapping and not getattr(config, "auto_map", None):
         raise ModelLoadError(f"{model!r} has model_type {config.model_type!r}, which is not a causal language "
                              "model (AutoModelForCausalLM cannot build it); llmq quantizes decoder LMs")
+    # families with a causal head class (e.g. bert -> BertLMHeadModel) also hold encoder checkpoints
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not getattr(config, "auto_map", None) and not any(
+            a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ModelLoadError(f"{model!r} is a {'/'.join(archs)} checkpoint (model_type {config.model_type!r}), "
+                             "not a causal language model; llmq quantizes decoder LMs (a ...ForCausalLM)")
 
 
 def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: Any = None,
@@ -114,6 +126,8 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
 
     src = _source(model)
     kind = src.pop("kind")
+    if max_memory and device_map is None:  # a budget only acts through accelerate's placement
+        device_map = "auto"
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     config = load_config(model, trust_remote_code)
@@ -140,6 +154,15 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
     m.config._name_or_path = model if kind == "hub" else m.config._name_or_path
     log.info("loaded %s (%s, %s) on %s", model, config.model_type, torch_dtype, dev)
     return m, tok
+
+
+def check_seq_len(model, seq_len: int, what: str) -> None:
+    """ConfigError if windows of `seq_len` tokens exceed the model's `max_position_embeddings`."""
+    config = getattr(model, "config", None)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
+    if isinstance(limit, int) and seq_len > limit:
+        raise ConfigError(f"{what} is {seq_len}, beyond this model's max_position_embeddings ({limit}); "
+                          f"use {limit} or less")
 
 
 def is_quantized(model) -> bool:

@@ -50,12 +50,15 @@ def linear_names(model, skip: tuple[str, ...] = ()) -> list[str]:
 
 def check_finite_weights(model) -> None:
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
+        if not p.is_floating_point() or p.device.type == "meta":
+            continue
+        # in chunks: isfinite makes full-size temporaries (|x| and masks), ~2x an embedding matrix at once
+        if not all(torch.isfinite(c).all() for c in p.detach().reshape(-1).split(2**22)):
             raise NumericalError(f"the model's weights hold inf/nan in {name}; the checkpoint is damaged "
                                  "(re-download or re-export it)")
 
 
-def _to_int8(module, threshold: float):
+def _to_int8(module, threshold: float, name: str = "linear"):
     import bitsandbytes as bnb
     from transformers.pytorch_utils import Conv1D
 
@@ -63,8 +66,11 @@ def _to_int8(module, threshold: float):
     if isinstance(module, Conv1D):  # Conv1D stores [in, out]
         w = w.t()
     out_f, in_f = w.shape
-    if w.abs().max() > FP16_MAX:
-        raise NumericalError("a weight exceeds the float16 range that bitsandbytes quantizes through")
+    w_max = float(w.abs().max())
+    if not w_max <= FP16_MAX:  # also catches nan
+        raise NumericalError(f"the weights of {name} reach |w| = {w_max:.4g}, beyond the float16 range (65504) "
+                             "that bitsandbytes quantizes through; use a smaller alpha (smoothing scales weights "
+                             f"up) or keep that layer unquantized with --skip {name}")
     new = bnb.nn.Linear8bitLt(in_f, out_f, bias=module.bias is not None, has_fp16_weights=False,
                               threshold=threshold, device="meta")
     # Int8Params quantizes in .to() only from a CPU tensor (bitsandbytes 0.50), onto the target device
@@ -103,7 +109,7 @@ def replace_linears_(model, names: list[str], cfg: Quantization, progress: bool 
     for name in tqdm(names, desc=f"int8 ({cfg.method})", unit="linear", disable=not progress):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, _to_int8(getattr(owner, child), threshold))
+        setattr(owner, child, _to_int8(getattr(owner, child), threshold, name))
 
 
 def bnb_quantization_config(cfg: Quantization) -> dict:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,32 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     parent = p.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write into {str(parent)!r} (permission denied); choose another --out")
+    if not parent.is_dir():
+        raise OutputError(f"{str(parent)!r} is not a folder, so --out {str(out)!r} cannot be made in it; "
+                          "choose another --out")
+    try:  # a real write: os.access says yes to root, on read-only mounts and in /proc
+        os.rmdir(tempfile.mkdtemp(prefix=f".{p.name}{TMP_MARK}probe-", dir=parent))
+    except OSError as e:
+        raise OutputError(f"cannot write into {str(parent)!r} ({e.strerror or e}); choose another --out") \
+            from None
+    return p
+
+
+def check_output_file(path: str | Path, flag: str = "--json") -> Path:
+    """Validate a file destination (e.g. --json) before any expensive work: its folder exists and takes files."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise OutputError(f"{flag} {str(path)!r} is a folder; give a file path")
+    if not p.parent.is_dir():
+        raise OutputError(f"{flag} {str(path)!r}: the folder {str(p.parent)!r} does not exist; create it or "
+                          f"choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{flag} {str(path)!r}: cannot write into {str(p.parent)!r} ({e.strerror or e}); "
+                          f"choose another {flag}") from None
     return p
 
 

@@ -136,7 +136,8 @@ def act_max(target: SmoothTarget, act_scales: Mapping[str, torch.Tensor]) -> tor
     want = target.channels * target.n_rep
     if any(x.shape != (want,) for x in xs):
         raise ConfigError(f"act_scales for {target.linear_names} have shapes {[tuple(x.shape) for x in xs]}, "
-                          f"expected ({want},); the act_scales file was made for another model")
+                          f"expected ({want},); the act_scales file was made for another model: "
+                          "recalibrate without --act-scales")
     return _reduce(target, torch.stack(xs).amax(0))
 
 

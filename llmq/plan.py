@@ -1,0 +1,286 @@
+"""Memory planning from the config alone: weight bytes, the peak of each quantization mode, and the budget.
+
+Parameters are counted on a meta-device skeleton (accelerate `init_empty_weights`), so every family
+transformers knows works and nothing is downloaded beyond config.json. With d = bytes per element of the
+dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = intermediate size:
+
+- INT8 weights: 1 byte per weight of every linear outside the skip list + a 4-byte scale per output row;
+  every other parameter (embeddings, norms, biases, skipped head) stays at d.
+- calibration working set of one window through one layer: L * (4h + 3I) * d + heads * L^2 * d (attention
+  scores, the eager/math upper bound); the in-memory forward also makes the logits, L * vocab * d.
+- in-memory peak (llmq.pipeline): the float model + the larger of that working set and one linear's
+  conversion (its fp16 copy + int8); on CPU plus the memory-mapped checkpoint pages resident while
+  from_pretrained copies them (~ the float model again) and the auto-alpha row samples of every layer
+  (auto_tokens x in_features float32 per group).
+- sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
+  window's working set + the larger of (the non-layer weights but the head, while the layer inputs are
+  caught) and (the largest float layer + its int8 copy, in the layer loop). llm-int8 / weight-only do not
+  calibrate: one layer, float + int8. On a GPU, CPU memory holds a layer in transit
+  (`sequential_host_bytes`); unchanged non-layer tensors are copied file to file, never loaded.
+These are estimates (allocator slack, CUDA context and Python are not counted): leave ~10% headroom.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, LlmqError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB' / '20GB' / '512MiB' / '1000000' (bytes) -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"memory size {text!r} is not understood; write a number with a unit: GiB, GB, "
+                          "MiB, MB or bytes (e.g. 24GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def main_device_key() -> int | str:
+    return 0 if torch.cuda.is_available() else "cpu"
+
+
+def parse_max_memory(spec: str) -> dict[int | str, int]:
+    """'24GiB' (the main device: cuda:0 if present, else cpu) or '0=20GiB,1=20GiB,cpu=64GiB' -> bytes per
+    device, the `max_memory` accelerate and transformers take."""
+    if not spec or not spec.strip():
+        raise ConfigError("--max-memory is empty; give e.g. 24GiB or 0=20GiB,cpu=64GiB")
+    if "=" not in spec:
+        return {main_device_key(): parse_size(spec)}
+    out: dict[int | str, int] = {}
+    for part in spec.split(","):
+        key, sep, size = part.partition("=")
+        key = key.strip().lower().removeprefix("cuda:")
+        if not sep or not (key.isdigit() or key in ("cpu", "mps")):
+            raise ConfigError(f"--max-memory entry {part.strip()!r} is not DEVICE=SIZE; devices are GPU "
+                              "indices (0, 1, ...) or cpu, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        dev: int | str = int(key) if key.isdigit() else key
+        if dev in out:
+            raise ConfigError(f"--max-memory names device {dev!r} twice in {spec!r}")
+        out[dev] = parse_size(size)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What quantizing a model takes, in bytes; `fits_*` compare the peaks with `budget_bytes` (None:
+    no budget given, everything fits)."""
+
+    model: str
+    model_type: str
+    method: str
+    dtype: str
+    calib_samples: int
+    calib_seq_len: int
+    params: int
+    layers: int
+    fp_weight_bytes: int
+    int8_weight_bytes: int
+    largest_layer_bytes: int
+    non_layer_bytes: int
+    head_bytes: int
+    hidden_states_bytes: int
+    activation_bytes: int
+    in_memory_peak_bytes: int
+    sequential_peak_bytes: int
+    sequential_host_bytes: int
+    device: str
+    budget_bytes: int | None
+    host_budget_bytes: int | None
+    fits_in_memory: bool
+    fits_sequential: bool
+    sequential_supported: bool = True  # False for inputs sequential mode cannot read (GGUF, .bin only)
+
+
+def _config(config_or_model_id: Any, trust_remote_code: bool):
+    """(name, config, whether sequential mode can read the weights)."""
+    from pathlib import Path
+
+    from .load import _check_causal, _source, load_config
+
+    readable = True
+    if isinstance(config_or_model_id, str):
+        name, config = config_or_model_id, load_config(config_or_model_id, trust_remote_code)
+        src = _source(name)
+        folder = Path(src["pretrained_model_name_or_path"])
+        has = {f.suffix for f in folder.glob("*.*")} if src["kind"] == "folder" else set()
+        # a config-only folder (planning before a download) counts as readable; weights must be safetensors
+        readable = src["kind"] != "gguf" and not (".bin" in has and ".safetensors" not in has)
+    else:
+        config = config_or_model_id
+        name = getattr(config, "_name_or_path", "") or config.model_type
+    _check_causal(config, name)
+    return name, config, readable
+
+
+def _skeleton(config, trust_remote_code: bool):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    return model
+
+
+def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", calib_samples: int,
+             calib_seq_len: int, max_memory: dict | None = None, alpha: float | str = "auto",
+             auto_tokens: int = 512, skip: tuple[str, ...] = ("lm_head",),
+             trust_remote_code: bool = False) -> Plan:
+    """Estimate weight bytes and the peak memory of the in-memory and sequential modes from the config."""
+    from .config import METHODS
+    from .quantize import linear_names
+    from .sequential import _layers_path
+    from .smooth import linear_weight, smooth_targets
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    gpus = sorted(k for k in (max_memory or {}) if isinstance(k, int))
+    key = (gpus[0] if gpus else "cpu") if max_memory else main_device_key()
+    if dtype == "auto":
+        dtype = "float16" if key != "cpu" else "float32"
+    if dtype not in _BYTES:
+        raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    name, config, readable = _config(config_or_model_id, trust_remote_code)
+    model = _skeleton(config, trust_remote_code)
+    d = _BYTES[dtype]
+    path = _layers_path(model)
+    n_layers = len(model.get_submodule(path))
+    rows = {f"{n}.weight": linear_weight(model.get_submodule(n)).shape[0] for n in linear_names(model, skip)}
+    layer_fp, layer_q = [0] * n_layers, [0] * n_layers
+    fp = q = params = 0
+    for pname, p in model.named_parameters():  # tied parameters are listed once
+        b = p.numel() * d
+        bq = p.numel() + 4 * rows[pname] if pname in rows else b  # int8 + one float32 scale per row
+        params, fp, q = params + p.numel(), fp + b, q + bq
+        if pname.startswith(path + "."):
+            i = int(pname[len(path) + 1:].split(".")[0])
+            layer_fp[i] += b
+            layer_q[i] += bq
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    head_b = 0 if head is None or tied else head.weight.numel() * d
+    text = config.get_text_config()
+    h, inter = text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    L, n = calib_seq_len, calib_samples
+    calibrates = method == "smoothquant"
+    act = L * (4 * h + 3 * inter) * d + text.num_attention_heads * L * L * d
+    logits = L * text.vocab_size * d
+    biggest_linear = max((model.get_parameter(k).numel() for k in rows), default=0) * 3  # fp16 copy + int8
+    samples = 0
+    if calibrates and alpha == "auto":  # float32 rows kept per smoothing group, for all layers at once
+        for t in smooth_targets(model):
+            samples += auto_tokens * linear_weight(model.get_submodule(t.linear_names[0])).shape[1] * 4
+    in_memory = fp + max(act + logits if calibrates else 0, biggest_linear)
+    if key == "cpu":  # while from_pretrained copies weights out of the memory-mapped checkpoint, both are resident
+        in_memory += fp + samples
+    non_layer = fp - sum(layer_fp)
+    hidden = n * L * h * d if calibrates else 0
+    big = max(range(n_layers), key=lambda i: layer_fp[i] + layer_q[i])
+    # catching the layer inputs needs the non-layer weights but the head; the layer loop one layer, in
+    # float and int8; both hold the hidden states. Without calibration only the layer loop runs.
+    phase = max(non_layer - head_b, layer_fp[big] + layer_q[big]) if calibrates else layer_fp[big] + layer_q[big]
+    seq_device = phase + (hidden + act + L * h * d if calibrates else 0)
+    seq_host = layer_fp[big]  # a layer read on CPU on its way to the GPU; the head is never read
+    budget = max_memory.get(key) if max_memory else None
+    host_budget = max_memory.get("cpu") if max_memory and key != "cpu" else None
+    return Plan(
+        model=name, model_type=config.model_type, method=method, dtype=dtype, calib_samples=n,
+        calib_seq_len=L, params=params, layers=n_layers, fp_weight_bytes=fp, int8_weight_bytes=q,
+        largest_layer_bytes=layer_fp[big], non_layer_bytes=non_layer, head_bytes=head_b,
+        hidden_states_bytes=hidden, activation_bytes=act + (logits if calibrates else 0),
+        in_memory_peak_bytes=in_memory, sequential_peak_bytes=seq_device,
+        sequential_host_bytes=seq_host if key != "cpu" else seq_device,
+        device="cpu" if key == "cpu" else f"cuda:{key}", budget_bytes=budget, host_budget_bytes=host_budget,
+        fits_in_memory=budget is None or in_memory <= budget,
+        fits_sequential=(budget is None or seq_device <= budget)
+        and (host_budget is None or seq_host <= host_budget),
+        sequential_supported=readable,
+    )
+
+
+def should_run_sequential(plan: Plan) -> bool:
+    """True when the in-memory mode does not fit the budget but the sequential one does."""
+    return not plan.fits_in_memory and plan.fits_sequential and plan.sequential_supported
+
+
+def _gib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    """A small table: sizes, then each mode's estimated peak against the budget."""
+    yes = {True: "yes", False: "NO"}
+    calib = (f", calibration {plan.calib_samples} x {plan.calib_seq_len}" if plan.method == "smoothquant" else "")
+    rows = [
+        ("model", f"{plan.model} ({plan.model_type}, {plan.params / 1e9:.2f}B params, {plan.layers} layers)"),
+        ("method", f"{plan.method}, {plan.dtype}{calib}"),
+        (f"FP weights ({plan.dtype})", _gib(plan.fp_weight_bytes)),
+        ("INT8 weights", f"{_gib(plan.int8_weight_bytes)} ({plan.int8_weight_bytes / plan.fp_weight_bytes:.2f}x)"),
+        ("largest layer (FP)", _gib(plan.largest_layer_bytes)),
+        ("embeddings + head + norms", _gib(plan.non_layer_bytes)),
+        ("calibration hidden states", _gib(plan.hidden_states_bytes)),
+        (f"budget ({plan.device})", _gib(plan.budget_bytes) if plan.budget_bytes is not None else "none given"),
+        ("in-memory peak", f"{_gib(plan.in_memory_peak_bytes)}  fits: {yes[plan.fits_in_memory]}"),
+        ("sequential peak", f"{_gib(plan.sequential_peak_bytes)}  fits: {yes[plan.fits_sequential]}"
+                            + ("" if plan.sequential_supported else " (needs a safetensors checkpoint)")),
+    ]
+    if plan.device != "cpu":
+        rows.append(("sequential CPU memory", f"{_gib(plan.sequential_host_bytes)} (one layer in transit)"))
+    width = max(len(k) for k, _ in rows)
+    mode = ("sequential (in-memory does not fit)" if should_run_sequential(plan)
+            else "in-memory" if plan.fits_in_memory
+            else "in-memory does not fit; sequential would, from a safetensors checkpoint" if plan.fits_sequential
+            else "neither fits the budget")
+    return "\n".join([*(f"{k.ljust(width)}  {v}" for k, v in rows), f"{'mode'.ljust(width)}  {mode}"])
+
+
+def detected_budget() -> dict[int | str, int]:
+    """What is free now on the main device: CUDA free memory of GPU 0, else the CPU's MemAvailable."""
+    if torch.cuda.is_available():
+        return {0: int(torch.cuda.mem_get_info(0)[0])}
+    from pathlib import Path
+
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return {"cpu": int(line.split()[1]) * 1024}
+    raise ConfigError("cannot read the available memory here; pass --max-memory (e.g. --max-memory 16GiB)")
+
+
+def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
+                evaluate: bool = False) -> tuple[bool, str]:
+    """(sequential?, why) for `llmq quantize`: sequential when asked, or when the estimate says the in-memory
+    mode does not fit `max_memory` (default: what is free now) and the sequential one does."""
+    why = "--sequential given"
+    if not asked:
+        cal, sm = recipe.calibration, recipe.smoothing
+        try:
+            plan = estimate(recipe.model, method=recipe.quantization.method, dtype=recipe.dtype,
+                            calib_samples=cal.samples, calib_seq_len=cal.seq_len,
+                            max_memory=max_memory or detected_budget(), alpha=sm.alpha,
+                            auto_tokens=sm.auto_tokens, skip=recipe.quantization.skip,
+                            trust_remote_code=recipe.trust_remote_code)
+        except (LlmqError, RuntimeError, ValueError, TypeError, AttributeError, KeyError) as e:
+            # the estimate is advisory: the in-memory run reports real user errors with its own message
+            return False, f"in-memory (no memory estimate for this model: {str(e).splitlines()[0][:200]})"
+        need = (f"in-memory needs ~{_gib(plan.in_memory_peak_bytes)}, sequential ~"
+                f"{_gib(plan.sequential_peak_bytes)}, budget {_gib(plan.budget_bytes)} on {plan.device}")
+        if not should_run_sequential(plan):
+            fits = ("in-memory fits" if plan.fits_in_memory
+                    else "sequential mode needs a safetensors checkpoint" if not plan.sequential_supported
+                    else "neither fits; --sequential needs less")
+            return False, f"in-memory ({need}; {fits})"
+        why = f"sequential ({need})"
+    if evaluate:
+        raise ConfigError("--eval needs the float and INT8 models in memory together, which sequential mode "
+                          "avoids; quantize without --eval, then run `llmq eval OUT --max-memory ...`")
+    return True, why

@@ -1,0 +1,139 @@
+"""Memory planning: budgets, byte counts against real checkpoints, mode choice, evaluation under a budget."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+
+from llmq.config import Quantization
+from llmq.errors import ConfigError
+from llmq.plan import (
+    estimate,
+    format_plan,
+    main_device_key,
+    parse_max_memory,
+    parse_size,
+    should_run_sequential,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "configs"
+GiB = 2**30
+
+
+def test_parse_max_memory():
+    assert parse_max_memory("24GiB") == {main_device_key(): 24 * GiB}
+    assert parse_max_memory("0=20GiB,1=20GiB,cpu=64GiB") == {0: 20 * GiB, 1: 20 * GiB, "cpu": 64 * GiB}
+    assert parse_max_memory("cuda:1=512MiB, CPU = 2GB") == {1: 512 * 2**20, "cpu": 2 * 10**9}
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("1000") == 1000 and parse_size("7 MB") == 7 * 10**6
+
+
+@pytest.mark.parametrize("spec", ["", "24XB", "GiB", "-1GiB", "gpu=3GiB", "0=", "0=1GiB,0=2GiB", "0:1GiB"])
+def test_parse_max_memory_rejects(spec):
+    with pytest.raises(ConfigError):
+        parse_max_memory(spec)
+
+
+def _saved_bytes(folder: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for f in folder.glob("*.safetensors") for t in load_file(str(f)).values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_byte_counts_match_saved_checkpoints(tmp_path, family):
+    """FP and INT8 weight bytes equal what save_pretrained writes (INT8: within the 1-byte weight_format
+    tag bitsandbytes stores per linear); gpt2 covers Conv1D (transposed) weights and tied embeddings."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from llmq.quantize import quantize_
+
+    if family == "llama":
+        model = tiny_llama(num_hidden_layers=3)
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=256, n_embd=64, n_layer=3, n_head=4,
+                                                            n_positions=128)).eval()
+    plan = estimate(model.config, method="llm-int8", dtype="float32", calib_samples=4, calib_seq_len=32)
+    assert plan.params == model.num_parameters() and plan.layers == 3
+    model.save_pretrained(tmp_path / "fp")
+    assert plan.fp_weight_bytes == _saved_bytes(tmp_path / "fp")
+    layer0 = model.get_submodule("model.layers.0" if family == "llama" else "transformer.h.0")
+    assert plan.largest_layer_bytes == sum(p.numel() * 4 for p in layer0.parameters())
+    names = quantize_(model, Quantization(method="llm-int8"), progress=False)
+    model.save_pretrained(tmp_path / "q")
+    assert 0 <= _saved_bytes(tmp_path / "q") - plan.int8_weight_bytes <= len(names)
+
+
+def test_budget_decides_the_mode():
+    cfg = tiny_llama().config
+    base = estimate(cfg, method="smoothquant", dtype="float32", calib_samples=8, calib_seq_len=64)
+    assert base.budget_bytes is None and base.fits_in_memory and base.fits_sequential
+    assert base.sequential_peak_bytes < base.in_memory_peak_bytes
+    between = (base.sequential_peak_bytes + base.in_memory_peak_bytes) // 2
+    mid = estimate(cfg, method="smoothquant", dtype="float32", calib_samples=8, calib_seq_len=64,
+                   max_memory={"cpu": between})
+    assert not mid.fits_in_memory and mid.fits_sequential and should_run_sequential(mid)
+    assert "sequential (in-memory does not fit)" in format_plan(mid)
+    small = estimate(cfg, method="smoothquant", dtype="float32", calib_samples=8, calib_seq_len=64,
+                     max_memory={"cpu": base.sequential_peak_bytes // 2})
+    assert not small.fits_sequential and not should_run_sequential(small)
+    # no calibration without smoothquant: no hidden states to hold
+    w8 = estimate(cfg, method="weight-only", dtype="float32", calib_samples=8, calib_seq_len=64)
+    assert w8.hidden_states_bytes == 0 and w8.sequential_peak_bytes < base.sequential_peak_bytes
+
+
+@pytest.mark.parametrize("name,params,in_memory_fits", [
+    ("llama-3-8b", 8_030_261_248, True), ("llama-2-13b", 13_015_864_320, False),
+    ("llama-3-70b", 70_553_706_496, False)])
+def test_llama_configs_on_a_24gib_gpu(name, params, in_memory_fits):
+    """docs/large-models.md's figures: published parameter counts, and what fits one 24 GiB GPU."""
+    plan = estimate(str(FIXTURES / name), method="smoothquant", dtype="float16", calib_samples=32,
+                    calib_seq_len=512, max_memory=parse_max_memory("0=24GiB,cpu=64GiB"))
+    assert plan.params == params and plan.device == "cuda:0"
+    assert plan.fp_weight_bytes == 2 * params
+    assert 0.5 < plan.int8_weight_bytes / plan.fp_weight_bytes < 0.6  # embeddings and head stay 16-bit
+    assert plan.fits_in_memory == in_memory_fits
+    assert plan.fits_sequential and plan.sequential_peak_bytes < 6 * GiB
+    assert should_run_sequential(plan) == (not in_memory_fits)
+
+
+def test_plan_command(capsys):
+    from llmq.cli import main
+
+    assert main(["plan", str(FIXTURES / "llama-3-70b"), "--dtype", "float16", "--max-memory", "0=24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "70.55B params" in out and "131.42 GiB" in out and "sequential (in-memory does not fit)" in out
+
+
+def test_evaluation_under_a_budget_smaller_than_the_model(tmp_path):
+    """accelerate places what fits the budget on CPU and the rest on disk; perplexity is unchanged."""
+    from llmq.evaluate import evaluate_ids
+    from llmq.load import load
+
+    model = tiny_llama(num_hidden_layers=4, hidden_size=128, intermediate_size=256)
+    model.save_pretrained(tmp_path / "fp")
+    tiny_tokenizer().save_pretrained(tmp_path / "fp")
+    size = sum(p.numel() * 4 for p in model.parameters())
+    ids = torch.randint(3, 256, (300,), generator=torch.Generator().manual_seed(0))
+    full, _ = load(str(tmp_path / "fp"), device="cpu")
+    ref = evaluate_ids(full, ids, 64, progress=False)
+    budget = size // 2  # the embeddings (first) fit, the layers go to disk
+    small, _ = load(str(tmp_path / "fp"), device="cpu", max_memory={"cpu": budget},
+                    offload_folder=str(tmp_path / "offload"))
+    assert "disk" in set(small.hf_device_map.values())
+    got = evaluate_ids(small, ids, 64, progress=False)
+    assert got.weight_memory_bytes < budget < ref.weight_memory_bytes
+    assert got.perplexity == pytest.approx(ref.perplexity, rel=1e-6)
+
+
+def test_sequential_needs_a_safetensors_checkpoint(tmp_path):
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    base = estimate(str(tmp_path), method="llm-int8", dtype="float32", calib_samples=4, calib_seq_len=32)
+    between = (base.sequential_peak_bytes + base.in_memory_peak_bytes) // 2
+    plan = estimate(str(tmp_path), method="llm-int8", dtype="float32", calib_samples=4, calib_seq_len=32,
+                    max_memory={"cpu": between})
+    assert not plan.sequential_supported and plan.fits_sequential and not should_run_sequential(plan)
+    assert "from a safetensors checkpoint" in format_plan(plan)

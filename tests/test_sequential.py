@@ -1,0 +1,259 @@
+"""Sequential (layer-by-layer) quantization writes the in-memory path's checkpoint, tensor for tensor."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_text, tiny_tokenizer
+
+from llmq.config import Calibration, Quantization, Recipe, Smoothing
+from llmq.errors import ConfigError
+from llmq.pipeline import run
+from llmq.sequential import _key_map, run_sequential, write_shards
+
+V = 256
+# three families of llmq/arch.py with different layouts: llama (GQA, rotary, untied head), opt (learned
+# positions, biases, tied head), gpt_neox (fused qkv, parallel residual, partial rotary, no base "model.")
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=False)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                              word_embed_proj_dim=64, max_position_embeddings=128)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=128)),
+}  # (qwen2 would pick Qwen2Tokenizer for the tiny word-level tokenizer and get no tokens)
+CASES = [("smoothquant", 0.5), ("smoothquant", "auto"), ("llm-int8", None)]
+
+
+def _fp_folder(tmp_path: Path, family: str, shard: str | None = None) -> Path:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    name, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, name)(vocab_size=V, **kw))
+    with torch.no_grad():  # outlier channels, so smoothing has something to move
+        for n, p in model.named_parameters():
+            if n.endswith("layernorm.weight") or n.endswith("layer_norm.weight"):
+                p[::7] *= 8
+    folder = tmp_path / f"fp-{family}"
+    model.save_pretrained(folder, max_shard_size=shard or "5GB")
+    tiny_tokenizer(V).save_pretrained(folder)
+    return folder
+
+
+def _recipe(model: Path, text: Path, method: str, alpha) -> Recipe:
+    return Recipe(model=str(model), calibration=Calibration(source=str(text), samples=6, seq_len=32),
+                  smoothing=Smoothing(alpha=alpha if alpha is not None else "auto", auto_tokens=64),
+                  quantization=Quantization(method=method))
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name != "act_scales.safetensors":
+            out.update(load_file(str(f)))
+    return out
+
+
+def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # stock transformers
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def text(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(tiny_text(3000, V))
+    return p
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method,alpha", CASES)
+def test_sequential_equals_in_memory(tmp_path, text, family, method, alpha):
+    fp = _fp_folder(tmp_path, family, shard="60KB" if family == "llama" else None)
+    if family == "llama":
+        assert (fp / "model.safetensors.index.json").is_file()  # the input is sharded
+    recipe = _recipe(fp, text, method, alpha)
+    rep_mem = run(recipe, tmp_path / "mem", progress=False)
+    rep_seq = run_sequential(recipe, tmp_path / "seq", progress=False)
+
+    mem, seq = tmp_path / "mem", tmp_path / "seq"
+    assert sorted(p.name for p in seq.iterdir()) == sorted(p.name for p in mem.iterdir())
+    assert json.loads((seq / "config.json").read_text()) == json.loads((mem / "config.json").read_text())
+    for name in ("generation_config.json", "tokenizer.json", "llmq_recipe.yaml"):
+        assert (seq / name).read_text() == (mem / name).read_text(), name
+    assert list(rep_seq) == list(rep_mem)
+    assert rep_seq["alphas"] == rep_mem["alphas"] and rep_seq["calibration"] == rep_mem["calibration"]
+    assert rep_seq["quantize"]["mode"] == "sequential"
+
+    a, b = _tensors(mem), _tensors(seq)
+    assert sorted(a) == sorted(b)
+    int8 = [k for k in a if a[k].dtype == torch.int8]
+    assert len(int8) == {"llama": 7, "opt": 6, "gpt_neox": 4}[family] * 3
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    if method == "smoothquant":
+        sa, sb = _tensors_file(mem / "act_scales.safetensors"), _tensors_file(seq / "act_scales.safetensors")
+        assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    ids = torch.randint(3, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    lm, ls = _logits(mem, ids), _logits(seq, ids)
+    assert torch.isfinite(lm).all()
+    assert (lm - ls).abs().max().item() <= 1e-5
+
+
+def _tensors_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch):
+    """Never more than one decoder layer holds real weights (the others are meta or freed)."""
+    import llmq.sequential as seq
+
+    fp = _fp_folder(tmp_path, "llama")
+    seen = []
+    real_load = seq._load_
+
+    def load_(model, keys, kmap):
+        real_load(model, keys, kmap)
+        layers = model.get_submodule("model.layers")
+        seen.append((sum(any(not p.is_meta for p in m.parameters()) for m in layers),
+                     not model.model.embed_tokens.weight.is_meta))
+
+    monkeypatch.setattr(seq, "_load_", load_)
+    run_sequential(_recipe(fp, text, "smoothquant", 0.5), tmp_path / "out", progress=False)
+    # embeddings etc. for catching the layer inputs, then one layer at a time (embeddings freed meanwhile);
+    # at the end, unchanged non-layer tensors are copied from the input file without being loaded
+    assert seen == [(0, True), (1, False), (1, False), (1, False), (0, False)]
+
+
+def test_output_shards_match_save_pretrained(tmp_path):
+    """write_shards lays out a checkpoint like save_pretrained: file names, index, tensors."""
+    from conftest import tiny_llama
+
+    from llmq.quantize import quantize_
+    from llmq.sequential import _stage
+
+    model = tiny_llama(num_hidden_layers=3)
+    quantize_(model, Quantization(method="llm-int8"), progress=False)
+    limit = 60_000
+    model.save_pretrained(tmp_path / "ref", max_shard_size=limit)
+    sd = model.state_dict()
+    keys = list(sd)
+    staged = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    _stage(model, {k: sd[k] for k in keys[::2]}, staged[0])
+    _stage(model, {k: sd[k] for k in keys[1::2]}, staged[1])
+    (tmp_path / "out").mkdir()
+    names = write_shards(staged, keys, tmp_path / "out", total_parameters=model.num_parameters(),
+                         max_shard_bytes=limit)
+    assert len(names) > 1 and not any(p.exists() for p in staged)
+    ref_index = json.loads((tmp_path / "ref" / "model.safetensors.index.json").read_text())
+    out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert out_index == ref_index
+    a, b = _tensors(tmp_path / "ref"), _tensors(tmp_path / "out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_output_equals_in_memory(tmp_path, text, monkeypatch):
+    """With outputs over the shard size, both paths write the same shard files and index."""
+    import llmq.pipeline
+    import llmq.sequential
+    from llmq.save import save_checkpoint
+
+    limit = 50_000
+
+    def small_shards(model, tok, folder):
+        save_checkpoint(model, tok, folder)
+        for f in folder.glob("model*.safetensors"):
+            f.unlink()
+        model.save_pretrained(folder, max_shard_size=limit)
+
+    monkeypatch.setattr(llmq.pipeline, "save_checkpoint", small_shards)
+    monkeypatch.setattr(llmq.sequential, "MAX_SHARD_BYTES", limit)
+    recipe = _recipe(_fp_folder(tmp_path, "llama"), text, "smoothquant", 0.5)
+    run(recipe, tmp_path / "mem", progress=False)
+    run_sequential(recipe, tmp_path / "seq", progress=False)
+    index = "model.safetensors.index.json"
+    assert len(list((tmp_path / "mem").glob("model-*.safetensors"))) > 1
+    assert json.loads((tmp_path / "seq" / index).read_text()) == json.loads((tmp_path / "mem" / index).read_text())
+    assert sorted(p.name for p in (tmp_path / "seq").iterdir()) == sorted(p.name for p in (tmp_path / "mem").iterdir())
+    for f in (tmp_path / "mem").glob("model-*.safetensors"):
+        a, b = _tensors_file(f), _tensors_file(tmp_path / "seq" / f.name)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gguf_and_bin_checkpoints_are_refused(tmp_path, text):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ConfigError, match="safetensors"):
+        run_sequential(_recipe(gguf, text, "llm-int8", None), tmp_path / "o1", progress=False)
+    fp = _fp_folder(tmp_path, "llama")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(fp / "model.safetensors")), fp / "pytorch_model.bin")
+    (fp / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="pytorch_model.bin"):
+        run_sequential(_recipe(fp, text, "llm-int8", None), tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_checkpoint_keys_are_renamed_like_from_pretrained():
+    """Legacy names (GPT-NeoX embed_out -> lm_head) and a missing base-model prefix, as from_pretrained."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    name, kw = FAMILIES["gpt_neox"]
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(getattr(transformers, name)(vocab_size=V, **kw))
+    f = Path("x.safetensors")
+    got = _key_map(model, {"embed_out.weight": f, "layers.0.attention.dense.weight": f,
+                           "gpt_neox.final_layer_norm.bias": f, "stray.weight": f})
+    assert got == {"lm_head.weight": ("embed_out.weight", f),
+                   "gpt_neox.layers.0.attention.dense.weight": ("layers.0.attention.dense.weight", f),
+                   "gpt_neox.final_layer_norm.bias": ("gpt_neox.final_layer_norm.bias", f)}
+    assert len(model._weight_conversions) == 1  # reverted on save
+
+
+def test_cli_picks_sequential_when_in_memory_does_not_fit(tmp_path, text, caplog):
+    import logging
+
+    from llmq.cli import main
+    from llmq.plan import estimate
+
+    fp = _fp_folder(tmp_path, "llama")
+    plan = estimate(str(fp), method="llm-int8", dtype="float32", calib_samples=6, calib_seq_len=32)
+    budget = (plan.sequential_peak_bytes + plan.in_memory_peak_bytes) // 2
+    base = ["quantize", str(fp), "--method", "llm-int8", "--device", "cpu", "--dtype", "float32"]
+    with caplog.at_level(logging.INFO, logger="llmq"):
+        assert main([*base, "--max-memory", f"cpu={budget}", "--out", str(tmp_path / "auto")]) == 0
+    assert "mode: sequential (in-memory needs" in caplog.text
+    assert json.loads((tmp_path / "auto" / "llmq_report.json").read_text())["quantize"]["mode"] == "sequential"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llmq"):
+        assert main([*base, "--max-memory", "cpu=64GiB", "--out", str(tmp_path / "mem")]) == 0
+    assert "mode: in-memory" in caplog.text
+    report = json.loads((tmp_path / "mem" / "llmq_report.json").read_text())
+    assert report["quantize"].get("mode", "in-memory") == "in-memory"
+    assert main([*base, "--sequential", "--eval", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_sequential_equals_in_memory(tmp_path):
+    recipe = Recipe(model="llmq:smollm2", calibration=Calibration(samples=8, seq_len=128),
+                    smoothing=Smoothing(alpha=0.5))
+    run(recipe, tmp_path / "mem", progress=False)
+    run_sequential(recipe, tmp_path / "seq", progress=False)
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "seq")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(3, 49152, (1, 64), generator=torch.Generator().manual_seed(3))
+    assert (_logits(tmp_path / "mem", ids) - _logits(tmp_path / "seq", ids)).abs().max().item() <= 1e-5
