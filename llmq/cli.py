@@ -164,8 +164,8 @@ def cmd_eval(a) -> int:
     if a.reference:
         ref, _ = load(a.reference, **kw)
         check_same_vocab(model, ref)
-        results["reference"] = evaluate(ref, tok, cfg, progress=not a.quiet)
-    results["model"] = evaluate(model, tok, cfg, reference=ref, reference_name=a.reference, progress=not a.quiet)
+        results["reference"] = evaluate(ref, tok, cfg, progress=a.progress)
+    results["model"] = evaluate(model, tok, cfg, reference=ref, reference_name=a.reference, progress=a.progress)
     print(format_table(results))
     print(results["model"].protocol)
     if a.json_path:
@@ -195,10 +195,10 @@ def cmd_quantize(a) -> int:
     if sequential:
         from .sequential import run_sequential
 
-        report = run_sequential(recipe, a.out, overwrite=a.overwrite, command=command, progress=not a.quiet,
+        report = run_sequential(recipe, a.out, overwrite=a.overwrite, command=command, progress=a.progress,
                                 max_memory=max_memory)
     else:
-        report = run(recipe, a.out, overwrite=a.overwrite, evaluate=a.eval, command=command, progress=not a.quiet)
+        report = run(recipe, a.out, overwrite=a.overwrite, evaluate=a.eval, command=command, progress=a.progress)
     print(f"wrote {a.out} ({report['method']}, threshold {report['threshold']:g}, "
           f"quantized in {report['quantize']['seconds']:.1f} s)")
     if report.get("evaluation"):
@@ -209,7 +209,7 @@ def cmd_quantize(a) -> int:
     if recipe.push.repo_id:
         from .hub import push
 
-        res = push(a.out, recipe.push.repo_id, private=recipe.push.private, progress=not a.quiet)
+        res = push(a.out, recipe.push.repo_id, private=recipe.push.private, progress=a.progress)
         print(f"pushed {len(res.files)} files to {res.repo_id}: {res.commit_url}")
     return 0
 
@@ -218,7 +218,7 @@ def cmd_push(a) -> int:
     from .hub import push
 
     res = push(a.folder, a.repo_id, private=a.private, revision=a.revision, commit_message=a.commit_message,
-               dry_run=a.dry_run, progress=True)
+               dry_run=a.dry_run, progress=a.progress)
     if res.dry_run:
         print(f"dry run: would upload {len(res.files)} files to {res.repo_id}:")
         for f in res.files:
@@ -245,6 +245,8 @@ COMMANDS = {"fetch": cmd_fetch, "eval": cmd_eval, "quantize": cmd_quantize, "pla
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="llmq: %(message)s")
+    # progress bars: off with -q or TQDM_DISABLE=1 (an explicit tqdm(disable=False) would override the env)
+    args.progress = not args.quiet and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns on CPU that its optional 4-bit kernels are missing; llmq never uses 4-bit

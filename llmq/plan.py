@@ -184,7 +184,8 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     if key == "cpu":  # while from_pretrained copies weights out of the memory-mapped checkpoint, both are resident
         in_memory += fp + samples
     non_layer = fp - sum(layer_fp)
-    hidden = n * L * h * d if calibrates else 0
+    # alpha 0 needs no maxima: only window 0 passes through the layers, for the fp16 range check
+    hidden = (n if alpha == "auto" or float(alpha) != 0 else 1) * L * h * d if calibrates else 0
     big = max(range(n_layers), key=lambda i: layer_fp[i] + layer_q[i])
     # catching the layer inputs needs the non-layer weights but the head; the layer loop one layer, in
     # float and int8; both hold the hidden states. Without calibration only the layer loop runs.

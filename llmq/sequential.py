@@ -87,6 +87,8 @@ class _Feed(nn.Module):
         out = out[0] if isinstance(out, tuple) else out
         if self.store:
             self.inputs[w] = out.to(h.device)
+            del h, out
+            _trim()  # between windows, or the freed activations pile up in glibc's arenas
 
 
 # --- checkpoint reading -----------------------------------------------------------------------------
@@ -439,7 +441,8 @@ class _Job:
     stats: Any  # CalibrationStats from --act-scales, or None
     device: torch.device
     staging: Path
-    windows: torch.Tensor | None = None
+    windows: torch.Tensor | None = None  # all calibration windows, or only window 0 for the fp16 check
+    collect: bool = False  # record activation maxima (auto alpha, or a fixed alpha without --act-scales)
     hidden: list | None = None
     extras: list | None = None
 
@@ -536,14 +539,20 @@ def _quantize_layer_(job: _Job, i: int) -> tuple[dict[str, torch.Tensor], dict[s
         feed = _Feed(prefix[:-1], layers[i], job.hidden, job.extras[i], job.device)
         first = job.hidden[0]
         ids = torch.arange(job.windows.shape[0])[:, None].expand(job.windows.shape).contiguous()
-        fresh = calibrate(feed, ids, sorted({n for t in mine for n in t.linear_names}),
-                          sample_names=tuple(t.linear_names[0] for t in mine) if auto else (),
-                          sample_tokens=sm.auto_tokens if auto else 0, seed=cal.seed,
-                          progress=False)  # the feed leaves this layer's outputs in job.hidden
-        act = fresh.act_max
-        stats = fresh if stats is None else CalibrationStats(stats.act_max, fresh.samples)
+        if job.collect:
+            fresh = calibrate(feed, ids, sorted({n for t in mine for n in t.linear_names}),
+                              sample_names=tuple(t.linear_names[0] for t in mine) if auto else (),
+                              sample_tokens=sm.auto_tokens if auto else 0, seed=cal.seed,
+                              progress=False)  # the feed leaves this layer's outputs in job.hidden
+            act = fresh.act_max
+            stats = fresh if stats is None else CalibrationStats(stats.act_max, fresh.samples)
+        else:  # window 0 only, for the fp16 range check
+            with torch.inference_mode():
+                feed(ids[:1])
     alphas = _smooth_layer_(job.model, mine, stats, job.recipe)
+    _trim()
     replace_linears_(job.model, [n for n in job.qnames if n.startswith(prefix)], job.recipe.quantization)
+    _trim()
     if feed is not None:
         _check_range(feed, first, job.windows.shape[1])
     _stage(job.model, layers[i].state_dict(prefix=prefix), job.staging / f"layer-{i:05d}.safetensors")
@@ -600,10 +609,15 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
                           "recalibrate without it")
     src = _source(recipe.model)["pretrained_model_name_or_path"]
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=recipe.trust_remote_code)
+    # as pipeline.quantize_model_: maxima for auto or a fixed alpha > 0 without --act-scales; every
+    # smoothquant run checks the fp16 range of the int8 model on calibration window 0
+    collect = bool(targets) and (sm.alpha == "auto" or (sm.alpha != 0.0 and stats is None))
     windows = None
-    if calibrating:
-        check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
+    if targets:
+        if calibrating:
+            check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
         windows = _calibration_windows(tok, recipe, cal_text)
+        windows = windows if collect else windows[:1]
     store = torch.device("cpu") if _offload_hidden(recipe, device, max_memory) else device
     n_params = model.num_parameters()
     report: dict[str, Any] = {"llmq_version": __version__, "base_model": base_model_id(recipe.model),
@@ -615,7 +629,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         del tok, cal_text  # not needed any more: keep the peak down
         _trim()
         job = _Job(recipe, model, _layers_path(model), _key_map(model, files), linear_names(model, q.skip),
-                   targets, stats, device, tmp / ".staging", windows)
+                   targets, stats, device, tmp / ".staging", windows, collect)
         missing = [n for n, _ in model.named_parameters() if n not in job.kmap]  # tied copies listed once
         if missing:
             raise ModelLoadError(f"{recipe.model!r} has no weights for {missing[:3]}: the checkpoint does not "
@@ -638,11 +652,13 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
                               "baseline_memory_bytes": pm.baseline_bytes, "peak_memory_kind": pm.kind,
                               "device": str(device), "mode": "sequential"}
         if targets:
-            stats = stats or CalibrationStats(act_max=act)
-            stats.tokens = int(windows.numel()) if windows is not None else 0
+            if collect:
+                stats = stats or CalibrationStats(act_max=act)
+                stats.tokens = int(windows.numel())
             report.update(alpha=sm.alpha, alphas=alphas,
                           calibration={"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len,
-                                       "seed": cal.seed, "tokens": stats.tokens, "act_scales": cal.act_scales})
+                                       "seed": cal.seed, "tokens": stats.tokens if stats else 0,
+                                       "act_scales": cal.act_scales})
         staged = sorted(job.staging.glob("*.safetensors"))
         every = [k for p in staged for k in _header(p)[1] if k != "__metadata__"]
         every += list(passthrough)

@@ -81,9 +81,34 @@ def test_sequential_equals_in_memory(tmp_path, text, family, method, alpha):
     if family == "llama":
         assert (fp / "model.safetensors.index.json").is_file()  # the input is sharded
     recipe = _recipe(fp, text, method, alpha)
+    _assert_same_outputs(recipe, tmp_path, {"llama": 7, "opt": 6, "gpt_neox": 4}[family] * 3)
+
+
+@pytest.mark.parametrize("alpha,reuse", [(0.0, False), (0.0, True), (0.5, True)])
+def test_sequential_equals_in_memory_without_calibration(tmp_path, text, alpha, reuse, monkeypatch):
+    """alpha 0 skips calibration, --act-scales reuses it; both still check the fp16 range on window 0."""
+    from dataclasses import replace
+
+    import llmq.sequential as seq
+
+    checked = []
+    real = seq._check_range
+    monkeypatch.setattr(seq, "_check_range", lambda feed, *a: (checked.append(feed), real(feed, *a)))
+    fp = _fp_folder(tmp_path, "llama")
+    recipe = _recipe(fp, text, "smoothquant", alpha)
+    if reuse:
+        run(_recipe(fp, text, "smoothquant", 0.5), tmp_path / "first", progress=False)
+        scales = str(tmp_path / "first" / "act_scales.safetensors")
+        recipe = replace(recipe, calibration=replace(recipe.calibration, act_scales=scales))
+    rep = _assert_same_outputs(recipe, tmp_path, 7 * 3)
+    assert rep["calibration"]["tokens"] == 0 and len(checked) == 3  # every layer's fp16 range
+    assert (tmp_path / "seq" / "act_scales.safetensors").exists() == reuse
+
+
+def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> dict:
+    """Both paths on `recipe`: same files, configs, reports, tensors (bit for bit) and reloaded logits."""
     rep_mem = run(recipe, tmp_path / "mem", progress=False)
     rep_seq = run_sequential(recipe, tmp_path / "seq", progress=False)
-
     mem, seq = tmp_path / "mem", tmp_path / "seq"
     assert sorted(p.name for p in seq.iterdir()) == sorted(p.name for p in mem.iterdir())
     assert json.loads((seq / "config.json").read_text()) == json.loads((mem / "config.json").read_text())
@@ -95,10 +120,9 @@ def test_sequential_equals_in_memory(tmp_path, text, family, method, alpha):
 
     a, b = _tensors(mem), _tensors(seq)
     assert sorted(a) == sorted(b)
-    int8 = [k for k in a if a[k].dtype == torch.int8]
-    assert len(int8) == {"llama": 7, "opt": 6, "gpt_neox": 4}[family] * 3
+    assert len([k for k in a if a[k].dtype == torch.int8]) == n_int8
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
-    if method == "smoothquant":
+    if (mem / "act_scales.safetensors").exists():
         sa, sb = _tensors_file(mem / "act_scales.safetensors"), _tensors_file(seq / "act_scales.safetensors")
         assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -106,6 +130,7 @@ def test_sequential_equals_in_memory(tmp_path, text, family, method, alpha):
     lm, ls = _logits(mem, ids), _logits(seq, ids)
     assert torch.isfinite(lm).all()
     assert (lm - ls).abs().max().item() <= 1e-5
+    return rep_seq
 
 
 def _tensors_file(path: Path) -> dict[str, torch.Tensor]:
