@@ -7,9 +7,13 @@ are caught per calibration window by recorders that stand in for the layers (the
 "catcher"). Then, for each layer in turn: load its weights, run the calibration hidden states through it
 with llmq.calibrate's hooks (running abs-max, auto-alpha rows), keep its float outputs as the next layer's
 inputs (every layer sees float inputs, as in the in-memory path), smooth, convert its linears to Int8,
-stage its state dict on disk and free it. Peak memory ~ one float layer + the calibration hidden states.
-The staged tensors are copied into the same safetensors layout `save_pretrained` writes (same file names,
-5 GB shards, index), so the output folder is the in-memory path's (llmq/pipeline.py), tensor for tensor.
+stage its state dict on disk and free it. Peak memory ~ one float layer + the calibration hidden states
+(the non-layer weights are freed after the catch). The staged tensors, and the unchanged non-layer tensors
+of the input (copied file to file), are written in the layout `save_pretrained` writes (file names, 5 GB
+shards, index), so the output folder is the in-memory path's (llmq/pipeline.py), tensor for tensor.
+
+One module, longer than the house ~300 lines: the checkpoint I/O below (reading shards, writing shards)
+exists only for this mode; it could move to its own module if another user appears.
 """
 
 from __future__ import annotations
