@@ -22,7 +22,7 @@ _EXPORTS = {
     "Recipe": "config", "Calibration": "config", "Smoothing": "config", "Quantization": "config",
     "Evaluation": "config", "Push": "config",
     "load": "load", "calibrate": "calibrate", "smooth_": "smooth", "quantize_": "quantize",
-    "quantize_model_": "pipeline", "run": "pipeline", "save_checkpoint": "save",
+    "quantize_model_": "run", "run": "run", "save_checkpoint": "save",
     "evaluate": "evaluate", "push": "hub", "write_card": "hub",
 }
 __all__ = sorted(_EXPORTS)

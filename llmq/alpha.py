@@ -3,7 +3,8 @@ int8-simulated output of the consuming linears is closest to the float output on
 
 For a group with input sample X (calibration rows) and consuming weights W (stacked, [out, in]):
     err(a) = || fq_token(X / s_a) @ fq_channel(W * s_a)^T - X @ W^T ||_F^2
-fq_token/fq_channel are bitsandbytes' W8A8 layout (per-token activations, per-output-channel weights).
+fq_token/fq_channel are bitsandbytes' W8A8 layout (per-token activations, per-output-channel weights); the
+simulated granularities of llmq/simulate.py pass their own error function to the same search.
 Alpha 0 is always a candidate, so the chosen error is never above no smoothing's. Groups are searched in
 table order and each chosen scale is applied before the next group is searched, so weight maxima are
 always those of the model as it will be quantized.
@@ -12,50 +13,116 @@ always those of the model as it will be quantized.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .calibrate import CalibrationStats
+from .errors import ConfigError
 from .fakequant import fq
-from .smooth import (
-    SmoothTarget,
-    act_max,
-    apply_scales_,
-    expand_to_inputs,
-    linear_weight,
-    smoothing_scales,
-    weight_max,
-)
+from .smooth import SmoothTarget, act_max, apply_scales_, expand_to_inputs, linear_weight, smoothing_scales, weight_max
 
 log = logging.getLogger(__name__)
 
+# err(x, w, s_in, ref, x_max): x [rows, in], w [out, in] (the group's linears stacked), s_in [in] input-space
+# scales, ref = x @ w.T, x_max [in] calibrated abs-max of the unsmoothed input -> squared error
+ErrorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], float]
 
-def group_error(x: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.Tensor) -> float:
-    """Squared error of the W8A8-simulated product after smoothing with input-space scales s_in."""
+
+def w8a8_error(x: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.Tensor,
+               x_max: torch.Tensor | None = None) -> float:
+    """Squared error of bitsandbytes' W8A8 (per-token activations, per-row weights) after smoothing by s_in."""
     y = fq(x / s_in, dim=-1) @ fq(w * s_in, dim=-1).t()
     return float((y - ref).pow(2).sum())
 
 
 @torch.no_grad()
-def search_alpha_(model, targets: list[SmoothTarget], stats: CalibrationStats, grid: tuple[float, ...],
-                  progress: bool = True) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Pick and apply, in place, the best alpha per target. Returns (alpha per key, error per alpha per key)."""
+def search_alpha_(model, targets: Sequence[SmoothTarget], stats: CalibrationStats, grid: Sequence[float],
+                  error: ErrorFn = w8a8_error, progress: bool = True,
+                  ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Pick and apply, in place, the best alpha per target under `error`. Returns (alpha per key, error per
+    alpha per key)."""
     chosen: dict[str, float] = {}
     errors: dict[str, dict[str, float]] = {}
     for t in tqdm(targets, desc="alpha search", unit="group", disable=not progress):
-        x = stats.samples[t.linear_names[0]].float()
+        first = t.linear_names[0]
+        if first not in stats.samples:
+            raise ConfigError(f"no calibration rows for {first}; calibrate with sample_names and sample_tokens")
+        x = stats.samples[first].float()
         w = torch.cat([linear_weight(model.get_submodule(n)).float().cpu() for n in t.linear_names])
         ref = x @ w.t()
         amax, wmax = act_max(t, stats.act_max), weight_max(model, t).float().cpu()
-        errs = {}
-        for a in grid:
-            s = smoothing_scales(amax, wmax, a)
-            errs[a] = group_error(x, w, expand_to_inputs(t, s).float().cpu(), ref)
+        x_max = stats.act_max[first].float().cpu()
+        errs = {a: error(x, w, expand_to_inputs(t, smoothing_scales(amax, wmax, a)).float().cpu(), ref, x_max)
+                for a in grid}
         best = min(grid, key=lambda a: (errs[a], a))
         chosen[t.key] = best
         errors[t.key] = {f"{a:g}": e for a, e in errs.items()}
         if best != 0.0:
             apply_scales_(model, t, smoothing_scales(amax, wmax, best))
-    log.info("auto alpha: %s", {k: v for k, v in list(chosen.items())[:4]})
+    log.info("auto alpha: %s", dict(list(chosen.items())[:4]))
     return chosen, errors
+
+
+@torch.no_grad()
+def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[str], stats: CalibrationStats,
+                        grid: Sequence[float], windows: Sequence[int] = (0,),
+                        ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Pick and apply, in place, one alpha per group of one decoder layer, scored by the error of the whole
+    layer's output (attention with its norms, RoPE and q/k norms, and the MLP) under simulated bitsandbytes
+    W8A8 on all the layer's linears `qnames`, against the float layer, on the cached inputs of `windows`.
+
+    `feed` is llmq/layers.py's Feed (`output(w)` runs the layer on window w). Start: the better of alpha 0
+    everywhere and the per-group search above; then one coordinate sweep, group by group over `grid`.
+    A candidate whose smoothed weights, int8 inputs or outputs leave the float16 range (bitsandbytes
+    quantizes through fp16; CUDA's int8_mm_dequant writes fp16) is dropped (error inf). Returns (alpha per
+    key, error per alpha per key: the sweep's errors)."""
+    from .fakequant import SimMode, simulate_
+    from .quantize import FP16_MAX
+    from .smooth import smooth_target_
+
+    layer = feed.layer[0]
+    base = {k: v.clone() for k, v in layer.state_dict().items()}
+    ref = [feed.output(w) for w in windows]
+    keys = [t.key for t in targets]
+
+    def score(alphas: dict[str, float]) -> float:
+        layer.load_state_dict(base)
+        for t in targets:
+            smooth_target_(feed, t, stats.act_max, alphas[t.key])
+        if any(float(linear_weight(feed.get_submodule(n)).abs().max()) > FP16_MAX for n in qnames):
+            return float("inf")
+        peak = [0.0]
+
+        def watch(module, args, out):
+            peak[0] = max(peak[0], float(args[0].abs().max()), float(out.abs().max()))
+
+        handles = simulate_(feed, SimMode("token", "channel"), qnames)
+        handles += [feed.get_submodule(n).register_forward_hook(watch) for n in qnames]
+        try:
+            err = sum(float((feed.output(w).float() - r.float()).pow(2).sum()) for w, r in zip(windows, ref,
+                                                                                               strict=True))
+        finally:
+            for h in handles:
+                h.remove()
+        return err if peak[0] <= FP16_MAX and err == err else float("inf")
+
+    start, _ = search_alpha_(feed, targets, stats, grid, progress=False)  # per group, applied: undone in score
+    zero = dict.fromkeys(keys, 0.0)
+    e_start, e_zero = score(start), score(zero)
+    best, best_err = (dict(start), e_start) if e_start < e_zero else (zero, e_zero)
+    errors: dict[str, dict[str, float]] = {}
+    for t in targets:
+        errs = {best[t.key]: best_err}
+        for a in grid:
+            if a not in errs:
+                errs[a] = score({**best, t.key: a})
+        a = min(errs, key=lambda x: (errs[x], x))
+        best, best_err = {**best, t.key: a}, errs[a]
+        errors[t.key] = {f"{x:g}": e for x, e in sorted(errs.items())}
+    layer.load_state_dict(base)
+    for t in targets:
+        smooth_target_(feed, t, stats.act_max, best[t.key])
+    log.debug("layer alphas %s (error %.4g; alpha 0: %.4g)", best, best_err, e_zero)
+    return best, errors

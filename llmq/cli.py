@@ -185,8 +185,8 @@ def cmd_quantize(a) -> int:
         from .hub import check_push_args
 
         check_push_args(recipe.push.repo_id)  # bad repo id / no token: fail before quantizing
-    from .pipeline import run
     from .plan import choose_mode
+    from .run import run
 
     max_memory = _max_memory(a.max_memory)
     sequential, why = choose_mode(recipe, max_memory, asked=a.sequential, evaluate=a.eval)
@@ -199,12 +199,12 @@ def cmd_quantize(a) -> int:
                                 max_memory=max_memory)
     else:
         report = run(recipe, a.out, overwrite=a.overwrite, evaluate=a.eval, command=command, progress=a.progress)
-    print(f"wrote {a.out} ({report['method']}, threshold {report['threshold']:g}, "
-          f"quantized in {report['quantize']['seconds']:.1f} s)")
-    if report.get("evaluation"):
+    print(f"wrote {a.out} ({report.method}, threshold {report.threshold:g}, "
+          f"quantized in {report.quantize.seconds:.1f} s)")
+    if report.evaluation:
         from .evaluate import EvalResult, format_table
 
-        ev = {k: EvalResult(**v) for k, v in report["evaluation"].items()}
+        ev = {k: EvalResult(**v) for k, v in report.evaluation.items()}
         print(format_table(ev))
     if recipe.push.repo_id:
         from .hub import push

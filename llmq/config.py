@@ -29,9 +29,26 @@ OFFLINE_MODEL = "llmq:smollm2"
 OFFLINE_TEXT = "llmq:wiki"
 
 
+def offline() -> bool:
+    """Whether the Hub is off (HF_HUB_OFFLINE): huggingface_hub's own reading, the one llmq asks everywhere."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def check_alpha(alpha: Any, where: str = "alpha") -> float:
+    """A fixed smoothing alpha as a float in [0, 1]; ConfigError otherwise. The one range check of alpha."""
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number in [0, 1] or 'auto', got {alpha!r}") from None
+    _check(math.isfinite(a) and 0.0 <= a <= 1.0, f"{where} must be in [0, 1] or 'auto', got {alpha!r}")
+    return a
 
 
 @dataclass(frozen=True)
@@ -57,29 +74,22 @@ class Smoothing:
     alpha: Union[float, str] = "auto"
     groups: tuple[str, ...] = GROUPS
     grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    auto_tokens: int = 512  # calibration tokens kept per group to score each alpha of the grid
+    auto_tokens: int = 512  # calibration rows kept per group for the per-group search (the sweep's start)
+    score_windows: int = 1  # calibration windows the layer-output sweep scores every candidate on
+    guard_windows: int = 4  # auto: windows held out to compare auto with alpha 0 and the family's alpha (0: off)
 
     def __post_init__(self) -> None:
         a = self.alpha
-        if isinstance(a, str):
-            if a.strip().lower() == "auto":
-                object.__setattr__(self, "alpha", "auto")
-            else:
-                try:
-                    object.__setattr__(self, "alpha", float(a))
-                except ValueError:
-                    raise ConfigError(f"smoothing.alpha must be a number in [0, 1] or 'auto', got {a!r}") from None
-        if self.alpha != "auto":
-            v = float(self.alpha)
-            _check(math.isfinite(v) and 0.0 <= v <= 1.0,
-                   f"smoothing.alpha must be in [0, 1] or 'auto', got {a!r}")
-            object.__setattr__(self, "alpha", v)
+        auto = isinstance(a, str) and a.strip().lower() == "auto"
+        object.__setattr__(self, "alpha", "auto" if auto else check_alpha(a, "smoothing.alpha"))
         bad = sorted(set(self.groups) - set(GROUPS))
         _check(not bad, f"smoothing.groups has unknown {bad}; allowed: {list(GROUPS)}")
         _check(len(self.grid) > 0 and all(0.0 <= g <= 1.0 for g in self.grid),
                f"smoothing.grid must be values in [0, 1], got {list(self.grid)}")
         _check(0.0 in self.grid, "smoothing.grid must include 0 (no smoothing), so auto never loses to it")
         _check(self.auto_tokens >= 16, f"smoothing.auto_tokens must be >= 16, got {self.auto_tokens}")
+        _check(self.score_windows >= 1, f"smoothing.score_windows must be >= 1, got {self.score_windows}")
+        _check(self.guard_windows >= 0, f"smoothing.guard_windows must be >= 0, got {self.guard_windows}")
 
 
 @dataclass(frozen=True)

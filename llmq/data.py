@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import OFFLINE_TEXT
+from .config import OFFLINE_TEXT, offline
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -126,8 +125,7 @@ def _load_dataset(name: str, purpose: str) -> str:
         return "\n\n".join(ds["text"])
     except Exception as e:  # datasets raises many types (connection, offline, missing files); re-raise as one
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        where = "HF_HUB_OFFLINE is set" if offline else "no network or the Hub refused"
+        where = "HF_HUB_OFFLINE is set" if offline() else "no network or the Hub refused"
         raise DataError(f"dataset {name!r} needs the Hugging Face Hub ({where}: {first}); use a local "
                         f".txt/.jsonl file or {OFFLINE_TEXT!r} instead") from None
 
@@ -185,3 +183,12 @@ def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n_slots, generator=generator)[:samples].sort().values
     return ids.reshape(-1)[: n_slots * seq_len].view(n_slots, seq_len)[chosen].long()
+
+
+def calibration_set(tokenizer, cal, text: str | None = None) -> torch.LongTensor:
+    """The calibration windows of a recipe's `Calibration` section: the one function both drivers and the
+    benchmarks use, so every run of the same recipe sees the same windows."""
+    text = load_text(cal.source, "calibration") if text is None else text
+    # 8x the needed tokens leaves room for seeded sampling without tokenizing whole dataset shards
+    ids = tokenize(tokenizer, text, max_tokens=8 * cal.samples * cal.seq_len)
+    return calibration_windows(ids, cal.samples, cal.seq_len, cal.seed)

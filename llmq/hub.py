@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .card import CARD, REPORT, model_card, write_card
+from .card import CARD, model_card, write_card
+from .config import offline
 from .errors import PushError
+from .report import REPORT, read_report
 
 __all__ = ["PushResult", "check_push_args", "model_card", "push", "upload_files", "write_card"]
 log = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def _check(repo_id: str, revision: str | None, token: str | None, dry_run: bool)
     _check_repo_id(repo_id)
     if revision is not None and not revision.strip():
         raise PushError("--revision must be a branch name such as `main` or `int8`, got an empty string")
-    if not dry_run and _offline():
+    if not dry_run and offline():
         raise PushError("HF_HUB_OFFLINE=1 is set, which blocks every Hub request; unset it to push")
     tok = (token or os.environ.get("HF_TOKEN") or "").strip() or (None if dry_run else _stored_token())
     if not tok and not dry_run:
@@ -159,12 +161,6 @@ def _check_repo_id(repo_id: str) -> None:
         raise PushError(f"repo id {repo_id!r} is not valid; {form}") from None
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def _stored_token() -> str | None:
     from huggingface_hub import get_token
 
@@ -188,13 +184,10 @@ def _retry_cmd(src: Path, repo_id: str, revision: str | None, private: bool) -> 
 
 
 def _default_message(src: Path) -> str:
-    import json
-
     try:
-        rep = json.loads((src / REPORT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        rep = {}
-    method = rep.get("method", "int8") if isinstance(rep, dict) else "int8"
+        method = read_report(src).method
+    except PushError:
+        method = "int8"
     return f"Upload INT8 ({method}) model made with llmq"
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import OFFLINE_MODEL
+from .config import OFFLINE_MODEL, offline
 from .errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -43,11 +42,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def _source(model: str) -> dict[str, Any]:
+def source(model: str) -> dict[str, Any]:
     """Classify `model` into from_pretrained arguments, with a clear error for paths that cannot work."""
     if model == OFFLINE_MODEL:
         from .assets import model_folder
@@ -70,7 +65,7 @@ def _source(model: str) -> dict[str, Any]:
     if looks_like_path or not _HUB_ID.match(model):
         raise ModelLoadError(f"model path {model!r} does not exist; give an existing folder, a .gguf file, "
                              f"a Hub id like 'org/name', or {OFFLINE_MODEL}")
-    if _offline():
+    if offline():
         raise ModelLoadError(f"{model!r} is not a local path and HF_HUB_OFFLINE=1, so the Hub cannot be asked; "
                              f"download it first or use a local folder (offline demo model: {OFFLINE_MODEL})")
     return {"pretrained_model_name_or_path": model, "kind": "hub"}
@@ -80,7 +75,7 @@ def load_config(model: str, trust_remote_code: bool = False):
     """The model's transformers config, with the loader's errors (used by planners before any weights load)."""
     from transformers import AutoConfig
 
-    src = _source(model)
+    src = source(model)
     kw = {"gguf_file": src["gguf_file"]} if "gguf_file" in src else {}
     try:
         return AutoConfig.from_pretrained(src["pretrained_model_name_or_path"],
@@ -100,7 +95,7 @@ def _explain(model: str, e: BaseException, trust_remote_code: bool) -> str:
             "re-export it")
 
 
-def _check_causal(config, model: str) -> None:
+def check_causal(config, model: str) -> None:
     from transformers import AutoModelForCausalLM
 
     mapping = AutoModelForCausalLM._model_mapping
@@ -124,14 +119,14 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
     """Load a causal LM and its tokenizer, in eval mode, on one device or spread by accelerate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _source(model)
+    src = source(model)
     kind = src.pop("kind")
     if max_memory and device_map is None:  # a budget only acts through accelerate's placement
         device_map = "auto"
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     config = load_config(model, trust_remote_code)
-    _check_causal(config, model)
+    check_causal(config, model)
     qc = getattr(config, "quantization_config", None)
     kw: dict[str, Any] = dict(src, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map is not None:
@@ -165,11 +160,6 @@ def check_seq_len(model, seq_len: int, what: str) -> None:
                           f"use {limit} or less")
 
 
-def is_quantized(model) -> bool:
-    qc = getattr(model.config, "quantization_config", None)
-    return bool(qc)
-
-
 def base_model_id(model: str) -> str:
     """What the model card calls the base model: the Hub id when known, else the path."""
     if model == OFFLINE_MODEL:
@@ -177,4 +167,17 @@ def base_model_id(model: str) -> str:
     p = Path(model)
     if p.is_dir() and (p / "llmq_report.json").is_file():
         return json.loads((p / "llmq_report.json").read_text()).get("base_model", model)
+    return model
+
+
+def skeleton(config, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """The model of `config` on the meta device (accelerate `init_empty_weights`; buffers such as rotary
+    inv_freq stay real, on CPU), tied and in eval mode: for planning and the sequential driver."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    model.eval()
     return model

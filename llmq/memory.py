@@ -95,3 +95,17 @@ class PeakMemory:
             self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         else:
             self.peak_bytes = _status_bytes("VmHWM")
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed activations (its mmap threshold grows with
+    them), so without this the resident size creeps up window after window and layer after layer."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            log.debug("malloc_trim is not available here")

@@ -8,7 +8,7 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   every other parameter (embeddings, norms, biases, skipped head) stays at d.
 - calibration working set of one window through one layer: L * (4h + 3I) * d + heads * L^2 * d (attention
   scores, the eager/math upper bound); the in-memory forward also makes the logits, L * vocab * d.
-- in-memory peak (llmq.pipeline): the float model + the larger of that working set and one linear's
+- in-memory peak (llmq.run): the float model + the larger of that working set and one linear's
   conversion (its fp16 copy + int8); on CPU plus the memory-mapped checkpoint pages resident while
   from_pretrained copies them (~ the float model again) and the auto-alpha row samples of every layer
   (auto_tokens x in_features float32 per group).
@@ -105,12 +105,12 @@ def _config(config_or_model_id: Any, trust_remote_code: bool):
     """(name, config, whether sequential mode can read the weights)."""
     from pathlib import Path
 
-    from .load import _check_causal, _source, load_config
+    from .load import check_causal, load_config, source
 
     readable = True
     if isinstance(config_or_model_id, str):
         name, config = config_or_model_id, load_config(config_or_model_id, trust_remote_code)
-        src = _source(name)
+        src = source(name)
         folder = Path(src["pretrained_model_name_or_path"])
         has = {f.suffix for f in folder.glob("*.*")} if src["kind"] == "folder" else set()
         # a config-only folder (planning before a download) counts as readable; weights must be safetensors
@@ -118,18 +118,8 @@ def _config(config_or_model_id: Any, trust_remote_code: bool):
     else:
         config = config_or_model_id
         name = getattr(config, "_name_or_path", "") or config.model_type
-    _check_causal(config, name)
+    check_causal(config, name)
     return name, config, readable
-
-
-def _skeleton(config, trust_remote_code: bool):
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model.tie_weights()
-    return model
 
 
 def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", calib_samples: int,
@@ -137,9 +127,10 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
              auto_tokens: int = 512, skip: tuple[str, ...] = ("lm_head",),
              trust_remote_code: bool = False) -> Plan:
     """Estimate weight bytes and the peak memory of the in-memory and sequential modes from the config."""
+    from .arch import layers_path
     from .config import METHODS
+    from .load import skeleton
     from .quantize import linear_names
-    from .sequential import _layers_path
     from .smooth import linear_weight, smooth_targets
 
     if method not in METHODS:
@@ -151,9 +142,9 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     if dtype not in _BYTES:
         raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
     name, config, readable = _config(config_or_model_id, trust_remote_code)
-    model = _skeleton(config, trust_remote_code)
+    model = skeleton(config, trust_remote_code=trust_remote_code)
     d = _BYTES[dtype]
-    path = _layers_path(model)
+    path = layers_path(model)
     n_layers = len(model.get_submodule(path))
     rows = {f"{n}.weight": linear_weight(model.get_submodule(n)).shape[0] for n in linear_names(model, skip)}
     layer_fp, layer_q = [0] * n_layers, [0] * n_layers
@@ -270,8 +261,9 @@ def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
                             max_memory=max_memory or detected_budget(), alpha=sm.alpha,
                             auto_tokens=sm.auto_tokens, skip=recipe.quantization.skip,
                             trust_remote_code=recipe.trust_remote_code)
-        except (LlmqError, RuntimeError, ValueError, TypeError, AttributeError, KeyError) as e:
-            # the estimate is advisory: the in-memory run reports real user errors with its own message
+        except LlmqError as e:
+            # the estimate is advisory: the in-memory run reports user errors (bad config...) with its own
+            # message; anything else is a bug in the estimate and surfaces as one
             return False, f"in-memory (no memory estimate for this model: {str(e).splitlines()[0][:200]})"
         need = (f"in-memory needs ~{_gib(plan.in_memory_peak_bytes)}, sequential ~"
                 f"{_gib(plan.sequential_peak_bytes)}, budget {_gib(plan.budget_bytes)} on {plan.device}")

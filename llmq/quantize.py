@@ -93,23 +93,29 @@ def quantize_(model, cfg: Quantization, progress: bool = True) -> list[str]:
     """
     names = linear_names(model, cfg.skip)
     replace_linears_(model, names, cfg, progress=progress)
+    mark_quantized_(model, cfg)
+    return names
+
+
+def mark_quantized_(model, cfg: Quantization) -> None:
+    """Record the bitsandbytes `quantization_config` in `model.config` (what stock from_pretrained reads)."""
     model.config.quantization_config = bnb_quantization_config(cfg)
     model.is_loaded_in_8bit = True
-    log.info("%s: %d linears -> int8 (threshold %g)", cfg.method, len(names), cfg.effective_threshold)
-    return names
 
 
 @torch.no_grad()
 def replace_linears_(model, names: list[str], cfg: Quantization, progress: bool = False) -> None:
     """Swap the named linears of `model` (full names, e.g. from `linear_names`) for Int8 modules, in place.
 
-    Shared by `quantize_` (whole model) and llmq/sequential.py (one decoder layer at a time)."""
+    Shared by `quantize_` and llmq/stage.py (the whole model, or one decoder layer at a time)."""
     _silence_bnb()
     threshold = cfg.effective_threshold
     for name in tqdm(names, desc=f"int8 ({cfg.method})", unit="linear", disable=not progress):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, _to_int8(getattr(owner, child), threshold, name))
+    if names:
+        log.debug("%s: %d linears -> int8 (threshold %g)", cfg.method, len(names), threshold)
 
 
 def bnb_quantization_config(cfg: Quantization) -> dict:

@@ -11,7 +11,7 @@ Activations (`SimMode.act`):
 Weights (`SimMode.weight`): ``channel`` (one scale per output row, bitsandbytes' layout) or ``tensor`` (one
 scale per matrix, the paper's O1-O3 choice).
 
-`search_alpha_sim_` is llmq/alpha.py's per-group search with the error measured under the simulated
+`sim_error(mode)` is the error function llmq/alpha.py's per-group search takes, measured under the simulated
 granularity instead of bitsandbytes' (per-token, per-channel) one.
 """
 
@@ -19,87 +19,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .calibrate import CalibrationStats
-from .config import GROUPS
+from .config import GROUPS, check_alpha
 from .errors import ConfigError
-from .fakequant import fq, fq_static
-from .smooth import (
-    SmoothTarget,
-    act_max,
-    apply_scales_,
-    expand_to_inputs,
-    linear_weight,
-    smooth_targets,
-    smoothing_scales,
-    weight_max,
-)
+from .fakequant import ACTIVATIONS, WEIGHTS, SimMode, fq_act, fq_weight, simulate_  # noqa: F401
+from .smooth import expand_to_inputs, smooth_target_, smooth_targets
 
 log = logging.getLogger(__name__)
-
-ACTIVATIONS = {"token": "O1", "tensor": "O2", "static": "O3"}
-WEIGHTS = ("channel", "tensor")
-
-
-@dataclass(frozen=True)
-class SimMode:
-    """One simulated W8A8 granularity: activations token|tensor|static, weights channel|tensor."""
-
-    act: str = "token"
-    weight: str = "channel"
-
-    def __post_init__(self) -> None:
-        if self.act not in ACTIVATIONS or self.weight not in WEIGHTS:
-            raise ConfigError(f"simulated mode act={self.act!r} weight={self.weight!r}; allowed act "
-                              f"{list(ACTIVATIONS)} and weight {list(WEIGHTS)}")
-
-    @property
-    def name(self) -> str:
-        """E.g. ``O1-channel`` (paper level, weight granularity)."""
-        return f"{ACTIVATIONS[self.act]}-{self.weight}"
-
-
-def fq_act(x: torch.Tensor, act: str, amax: float | None = None) -> torch.Tensor:
-    """Fake-quantize an activation tensor: per token (last dim), per tensor, or static with `amax`."""
-    if act == "static":
-        if amax is None:
-            raise ConfigError("static (O3) activation quantization needs a calibrated abs-max; got None")
-        return fq_static(x, amax)
-    return fq(x, -1 if act == "token" else None)
-
-
-def fq_weight(w: torch.Tensor, weight: str) -> torch.Tensor:
-    """Fake-quantize a [out, in] weight per output channel or per tensor."""
-    return fq(w, -1 if weight == "channel" else None)
-
-
-def _check_alpha(alpha: float) -> float:
-    a = float(alpha)
-    if not 0.0 <= a <= 1.0:
-        raise ConfigError(f"alpha must be in [0, 1], got {alpha!r}")
-    return a
-
-
-@torch.no_grad()
-def smooth_scaled_(model: nn.Module, targets: Sequence[SmoothTarget], act_scales: Mapping[str, torch.Tensor],
-                   alpha: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """`smooth.smooth_` over `targets`, returning each consuming linear's input-space scales s (for O3)."""
-    s_in: dict[str, torch.Tensor] = {}
-    for t in targets:
-        a = _check_alpha(alpha[t.key] if isinstance(alpha, Mapping) else alpha)
-        if a == 0:
-            continue
-        s = smoothing_scales(act_max(t, act_scales), weight_max(model, t), a)
-        apply_scales_(model, t, s)
-        for n in t.linear_names:
-            s_in[n] = expand_to_inputs(t, s).float().cpu()
-    return s_in
-
 
 def static_amax(act_scales: Mapping[str, torch.Tensor], s_in: Mapping[str, torch.Tensor],
                 names: Sequence[str]) -> dict[str, float]:
@@ -114,64 +45,13 @@ def static_amax(act_scales: Mapping[str, torch.Tensor], s_in: Mapping[str, torch
     return out
 
 
-@torch.no_grad()
-def simulate_(model: nn.Module, mode: SimMode, names: Sequence[str],
-              amax: Mapping[str, float] | None = None) -> list[Any]:
-    """Fake-quantize the weights of the linears `names` in place and hook their inputs; returns the hook
-    handles (call `.remove()` on each to stop quantizing activations; the weights stay fake-quantized)."""
-    if mode.act == "static" and (amax is None or not set(names) <= set(amax)):
-        raise ConfigError("static (O3) simulation needs `amax` for every simulated linear; use static_amax()")
-    handles = []
-    for n in names:
-        m = model.get_submodule(n)
-        w = linear_weight(m)
-        w.copy_(fq_weight(w.float(), mode.weight).to(w.dtype))
-        a = amax[n] if amax is not None and mode.act == "static" else None
-
-        def hook(module, args, a=a):
-            return (fq_act(args[0], mode.act, a).to(args[0].dtype), *args[1:])
-
-        handles.append(m.register_forward_pre_hook(hook))
-    return handles
-
-
-def group_error(x: torch.Tensor, ws: Sequence[torch.Tensor], s_in: torch.Tensor, ref: torch.Tensor,
-                mode: SimMode, amax: float | None = None) -> float:
-    """Squared error of one group's product under `mode` after smoothing with s_in (cf. alpha.group_error);
-    `amax`: the calibrated per-tensor abs-max of the smoothed input (O3 only)."""
-    xq = fq_act(x / s_in, mode.act, amax)
-    y = xq @ torch.cat([fq_weight(w * s_in, mode.weight) for w in ws]).t()
-    return float((y - ref).pow(2).sum())
-
-
-@torch.no_grad()
-def search_alpha_sim_(model: nn.Module, targets: Sequence[SmoothTarget], stats: CalibrationStats,
-                      grid: Sequence[float], mode: SimMode) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Per group, pick and apply (in place) the alpha of `grid` with the least simulated error on the
-    calibration rows. Returns (alpha per target key, input-space scales per smoothed linear)."""
-    chosen: dict[str, float] = {}
-    s_in: dict[str, torch.Tensor] = {}
-    for t in targets:
-        first = t.linear_names[0]
-        if first not in stats.samples:
-            raise ConfigError(f"no calibration rows for {first}; calibrate with sample_names and sample_tokens")
-        x = stats.samples[first].float()
-        ws = [linear_weight(model.get_submodule(n)).float().cpu() for n in t.linear_names]
-        ref = x @ torch.cat(ws).t()
-        amax_ch, wmax = act_max(t, stats.act_max), weight_max(model, t).float().cpu()
-        x_ch = stats.act_max[first].float().cpu()
-        errs = {}
-        for a in grid:
-            si = expand_to_inputs(t, smoothing_scales(amax_ch, wmax, a)).float().cpu()
-            errs[a] = group_error(x, ws, si, ref, mode, float((x_ch / si).max()))
-        best = min(grid, key=lambda a: (errs[a], a))
-        chosen[t.key] = best
-        if best != 0.0:
-            s = smoothing_scales(amax_ch, wmax, best)
-            apply_scales_(model, t, s)
-            for n in t.linear_names:
-                s_in[n] = expand_to_inputs(t, s).float().cpu()
-    return chosen, s_in
+def sim_error(mode: SimMode):
+    """llmq.alpha's error function under `mode`: err(x, w, s_in, ref, x_max); under O3 the static abs-max of
+    the smoothed input is max_j(x_max_j / s_j), exact for any candidate s."""
+    def err(x: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.Tensor, x_max: torch.Tensor) -> float:
+        y = fq_act(x / s_in, mode.act, float((x_max / s_in).max())) @ fq_weight(w * s_in, mode.weight).t()
+        return float((y - ref).pow(2).sum())
+    return err
 
 
 def simulated_perplexity(model: nn.Module, base_state: Mapping[str, torch.Tensor], ids: torch.Tensor,
@@ -181,15 +61,23 @@ def simulated_perplexity(model: nn.Module, base_state: Mapping[str, torch.Tensor
                          ) -> dict[str, Any]:
     """Restore `base_state`, smooth (fixed alpha on every group, or "auto"), simulate `mode` on `names`,
     and score `ids` with llmq.evaluate's protocol. The model is left smoothed and fake-quantized."""
+    from .alpha import search_alpha_
     from .evaluate import evaluate_ids
 
     model.load_state_dict(base_state)
     targets = smooth_targets(model, groups)
+    s_in: dict[str, torch.Tensor] = {}
     if alpha == "auto":
-        alphas, s_in = search_alpha_sim_(model, targets, stats, grid, mode)
+        # the search applies each chosen s; record it through the same formula before it is applied
+        alphas, _ = search_alpha_(model, targets, stats, grid, error=sim_error(mode), progress=False)
+        model.load_state_dict(base_state)
     else:
-        s_in = smooth_scaled_(model, targets, stats.act_max, float(alpha))
-        alphas = dict.fromkeys((t.key for t in targets), float(alpha))
+        alphas = dict.fromkeys((t.key for t in targets), check_alpha(alpha))
+    with torch.no_grad():
+        for t in targets:
+            s = smooth_target_(model, t, stats.act_max, alphas[t.key])
+            if s is not None:
+                s_in.update({n: expand_to_inputs(t, s).float().cpu() for n in t.linear_names})
     amax = static_amax(stats.act_max, s_in, names) if mode.act == "static" else None
     handles = simulate_(model, mode, names, amax)
     try:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .arch import Group, get_arch
-from .config import GROUPS
+from .config import GROUPS, check_alpha
 from .errors import ConfigError, NumericalError, UnsupportedArchitecture
 
 logger = logging.getLogger(__name__)
@@ -200,26 +200,30 @@ def _alphas(targets: list[SmoothTarget], alpha: float | Mapping[str, float]) -> 
         if missing or extra:
             raise ConfigError(f"per-target alpha must have exactly the target keys; missing {missing[:3]}, "
                               f"unknown {extra[:3]}; pass one alpha per key from smooth_targets()")
-        out = {k: float(alpha[k]) for k in keys}
-    else:
-        out = dict.fromkeys(keys, float(alpha))
-    bad = {k: a for k, a in out.items() if not 0.0 <= a <= 1.0}
-    if bad:
-        raise ConfigError(f"alpha must be in [0, 1], got {dict(list(bad.items())[:3])}")
-    return out
+        return {k: check_alpha(alpha[k]) for k in keys}
+    a = check_alpha(alpha)
+    return dict.fromkeys(keys, a)
+
+
+def smooth_target_(model: nn.Module, target: SmoothTarget, act_scales: Mapping[str, torch.Tensor],
+                   alpha: float) -> torch.Tensor | None:
+    """Smooth one target in place with `alpha`; returns the scales s applied (None for alpha 0: untouched)."""
+    if alpha == 0:
+        return None
+    s = smoothing_scales(act_max(target, act_scales), weight_max(model, target), alpha)
+    apply_scales_(model, target, s)
+    return s
 
 
 def smooth_(model: nn.Module, act_scales: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float],
-            groups: Sequence[str] = GROUPS) -> dict[str, float]:
-    """Smooth every target in place (alpha per target key when a mapping); returns the alpha used per key."""
-    targets = smooth_targets(model, groups)
+            groups: Sequence[str] = GROUPS, *, targets: list[SmoothTarget] | None = None) -> dict[str, float]:
+    """Smooth every target in place (alpha per target key when a mapping); returns the alpha used per key.
+    `targets`: already resolved ones (e.g. one decoder layer's), instead of every group of `groups`."""
+    targets = smooth_targets(model, groups) if targets is None else targets
     alphas = _alphas(targets, alpha)
     with torch.no_grad():
         for t in targets:
-            if alphas[t.key] != 0:
-                apply_scales_(model, t, smoothing_scales(act_max(t, act_scales), weight_max(model, t),
-                                                         alphas[t.key]))
+            smooth_target_(model, t, act_scales, alphas[t.key])
     done = sum(a != 0 for a in alphas.values())
-    logger.info("smoothed %d of %d groups (%s) of %s", done, len(targets), ", ".join(groups),
-                model.config.model_type)
+    logger.debug("smoothed %d of %d groups of %s", done, len(targets), model.__class__.__name__)
     return alphas

@@ -25,7 +25,7 @@ WORKER = r"""
 import json, sys, time
 import bitsandbytes, torch, transformers  # noqa: F401  (imports are part of the baseline)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-import llmq.data, llmq.pipeline, llmq.sequential, llmq.calibrate, llmq.alpha  # noqa: F401
+import llmq.data, llmq.run, llmq.sequential, llmq.calibrate, llmq.alpha  # noqa: F401
 from llmq.config import Recipe
 from llmq.memory import PeakMemory
 mode, out, recipe = sys.argv[1], sys.argv[2], Recipe.from_dict(json.loads(sys.argv[3]))
@@ -34,7 +34,7 @@ with PeakMemory("cpu") as pm:
     if mode == "sequential":
         llmq.sequential.run_sequential(recipe, out, progress=False)
     else:
-        llmq.pipeline.run(recipe, out, progress=False)
+        llmq.run(recipe, out, progress=False)
 print(json.dumps({"mode": mode, "peak_bytes": pm.peak_bytes, "baseline_bytes": pm.baseline_bytes,
                   "above_baseline_bytes": pm.above_baseline_bytes, "peak_since_start": pm.peak_since_start,
                   "seconds": round(time.perf_counter() - t0, 1)}))

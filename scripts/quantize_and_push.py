@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         check_push_args(a.repo_id, revision=a.revision)  # no token / bad id: fail before quantizing
         command = "python scripts/quantize_and_push.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
         report = llmq.run(recipe, a.out, overwrite=a.overwrite, evaluate=not a.no_eval, command=command)
-        print(f"quantized {a.model} -> {a.out} ({report['method']})")
+        print(f"quantized {a.model} -> {a.out} ({report.method})")
         res = llmq.push(a.out, a.repo_id, private=a.private, revision=a.revision)
         print(f"pushed {len(res.files)} files to {res.repo_id}@{res.revision}: {res.commit_url}")
     except LlmqError as e:

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_llama, tiny_text, tiny_tokenizer
 
 from llmq.config import Calibration, Quantization, Recipe, Smoothing
-from llmq.pipeline import quantize_model_
 from llmq.quantize import linear_names, quantize_, skipped
+from llmq.run import quantize_model_
 from llmq.save import save_checkpoint
 
 RELOAD = r"""
@@ -75,7 +75,7 @@ def test_replaced_modules_keep_eval_mode():
 def test_saved_checkpoint_reloads_with_stock_transformers(tmp_path, method):
     model, tok = tiny_llama(), tiny_tokenizer()
     report, stats = quantize_model_(model, tok, _recipe(method), windows=_windows(), progress=False)
-    assert report["method"] == method
+    assert report.method == method
     assert (stats is not None) == (method == "smoothquant")
     save_checkpoint(model, tok, tmp_path / "q")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
@@ -110,7 +110,7 @@ def test_int8_weights_take_one_byte(tmp_path):
 def test_smoothquant_alpha_modes(alpha):
     model, tok = tiny_llama(), tiny_tokenizer()
     report, _ = quantize_model_(model, tok, _recipe("smoothquant", alpha), windows=_windows(), progress=False)
-    alphas = report["alphas"]
+    alphas = report.alphas
     assert alphas and all(k.startswith("model.layers.") for k in alphas)
     if alpha == "auto":
         assert set(alphas.values()) <= set(Smoothing().grid)

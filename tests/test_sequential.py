@@ -9,8 +9,10 @@ from conftest import tiny_text, tiny_tokenizer
 
 from llmq.config import Calibration, Quantization, Recipe, Smoothing
 from llmq.errors import ConfigError
-from llmq.pipeline import run
-from llmq.sequential import _key_map, run_sequential, write_shards
+from llmq.report import Report
+from llmq.run import run
+from llmq.sequential import run_sequential
+from llmq.shards import key_map, write_shards
 
 V = 256
 # three families of llmq/arch.py with different layouts: llama (GQA, rotary, untied head), opt (learned
@@ -45,7 +47,8 @@ def _fp_folder(tmp_path: Path, family: str, shard: str | None = None) -> Path:
 
 def _recipe(model: Path, text: Path, method: str, alpha) -> Recipe:
     return Recipe(model=str(model), calibration=Calibration(source=str(text), samples=6, seq_len=32),
-                  smoothing=Smoothing(alpha=alpha if alpha is not None else "auto", auto_tokens=64),
+                  smoothing=Smoothing(alpha=alpha if alpha is not None else "auto", auto_tokens=64,
+                                    guard_windows=0),
                   quantization=Quantization(method=method))
 
 
@@ -89,23 +92,26 @@ def test_sequential_equals_in_memory_without_calibration(tmp_path, text, alpha, 
     """alpha 0 skips calibration, --act-scales reuses it; both still check the fp16 range on window 0."""
     from dataclasses import replace
 
-    import llmq.sequential as seq
+    import llmq.stage
+    from llmq.layers import Feed
 
     checked = []
-    real = seq._check_range
-    monkeypatch.setattr(seq, "_check_range", lambda feed, *a: (checked.append(feed), real(feed, *a)))
+    real = llmq.stage.check_fp16_range
+    monkeypatch.setattr(llmq.stage, "check_fp16_range",
+                        lambda root, ids: (isinstance(root, Feed) and checked.append(root), real(root, ids)))
     fp = _fp_folder(tmp_path, "llama")
     recipe = _recipe(fp, text, "smoothquant", alpha)
     if reuse:
         run(_recipe(fp, text, "smoothquant", 0.5), tmp_path / "first", progress=False)
         scales = str(tmp_path / "first" / "act_scales.safetensors")
         recipe = replace(recipe, calibration=replace(recipe.calibration, act_scales=scales))
+        checked.clear()
     rep = _assert_same_outputs(recipe, tmp_path, 7 * 3)
-    assert rep["calibration"]["tokens"] == 0 and len(checked) == 3  # every layer's fp16 range
+    assert rep.calibration.tokens == 0 and len(checked) == 6  # every layer's fp16 range, in both drivers
     assert (tmp_path / "seq" / "act_scales.safetensors").exists() == reuse
 
 
-def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> dict:
+def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> Report:
     """Both paths on `recipe`: same files, configs, reports, tensors (bit for bit) and reloaded logits."""
     rep_mem = run(recipe, tmp_path / "mem", progress=False)
     rep_seq = run_sequential(recipe, tmp_path / "seq", progress=False)
@@ -114,9 +120,9 @@ def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> dict:
     assert json.loads((seq / "config.json").read_text()) == json.loads((mem / "config.json").read_text())
     for name in ("generation_config.json", "tokenizer.json", "llmq_recipe.yaml"):
         assert (seq / name).read_text() == (mem / name).read_text(), name
-    assert list(rep_seq) == list(rep_mem)
-    assert rep_seq["alphas"] == rep_mem["alphas"] and rep_seq["calibration"] == rep_mem["calibration"]
-    assert rep_seq["quantize"]["mode"] == "sequential"
+    assert list(rep_seq.to_dict()) == list(rep_mem.to_dict())
+    assert rep_seq.alphas == rep_mem.alphas and rep_seq.calibration == rep_mem.calibration
+    assert rep_seq.quantize.mode == "sequential"
 
     a, b = _tensors(mem), _tensors(seq)
     assert sorted(a) == sorted(b)
@@ -141,11 +147,11 @@ def _tensors_file(path: Path) -> dict[str, torch.Tensor]:
 
 def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch):
     """Never more than one decoder layer holds real weights (the others are meta or freed)."""
-    import llmq.sequential as seq
+    import llmq.shards as shards
 
     fp = _fp_folder(tmp_path, "llama")
     seen = []
-    real_load = seq._load_
+    real_load = shards.load_tensors_
 
     def load_(model, keys, kmap):
         real_load(model, keys, kmap)
@@ -153,7 +159,7 @@ def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch):
         seen.append((sum(any(not p.is_meta for p in m.parameters()) for m in layers),
                      not model.model.embed_tokens.weight.is_meta))
 
-    monkeypatch.setattr(seq, "_load_", load_)
+    monkeypatch.setattr(shards, "load_tensors_", load_)
     run_sequential(_recipe(fp, text, "smoothquant", 0.5), tmp_path / "out", progress=False)
     # embeddings etc. for catching the layer inputs, then one layer at a time (embeddings freed meanwhile);
     # at the end, unchanged non-layer tensors are copied from the input file without being loaded
@@ -165,7 +171,7 @@ def test_output_shards_match_save_pretrained(tmp_path):
     from conftest import tiny_llama
 
     from llmq.quantize import quantize_
-    from llmq.sequential import _stage
+    from llmq.shards import stage
 
     model = tiny_llama(num_hidden_layers=3)
     quantize_(model, Quantization(method="llm-int8"), progress=False)
@@ -174,8 +180,8 @@ def test_output_shards_match_save_pretrained(tmp_path):
     sd = model.state_dict()
     keys = list(sd)
     staged = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
-    _stage(model, {k: sd[k] for k in keys[::2]}, staged[0])
-    _stage(model, {k: sd[k] for k in keys[1::2]}, staged[1])
+    stage(model, {k: sd[k] for k in keys[::2]}, staged[0])
+    stage(model, {k: sd[k] for k in keys[1::2]}, staged[1])
     (tmp_path / "out").mkdir()
     names = write_shards(staged, keys, tmp_path / "out", total_parameters=model.num_parameters(),
                          max_shard_bytes=limit)
@@ -189,8 +195,10 @@ def test_output_shards_match_save_pretrained(tmp_path):
 
 def test_sharded_output_equals_in_memory(tmp_path, text, monkeypatch):
     """With outputs over the shard size, both paths write the same shard files and index."""
-    import llmq.pipeline
-    import llmq.sequential
+    import sys
+
+    import llmq.run  # noqa: F401  (llmq.run is the function; the module is sys.modules["llmq.run"])
+    import llmq.shards
     from llmq.save import save_checkpoint
 
     limit = 50_000
@@ -201,8 +209,8 @@ def test_sharded_output_equals_in_memory(tmp_path, text, monkeypatch):
             f.unlink()
         model.save_pretrained(folder, max_shard_size=limit)
 
-    monkeypatch.setattr(llmq.pipeline, "save_checkpoint", small_shards)
-    monkeypatch.setattr(llmq.sequential, "MAX_SHARD_BYTES", limit)
+    monkeypatch.setattr(sys.modules["llmq.run"], "save_checkpoint", small_shards)
+    monkeypatch.setattr(llmq.shards, "MAX_SHARD_BYTES", limit)
     recipe = _recipe(_fp_folder(tmp_path, "llama"), text, "smoothquant", 0.5)
     run(recipe, tmp_path / "mem", progress=False)
     run_sequential(recipe, tmp_path / "seq", progress=False)
@@ -240,7 +248,7 @@ def test_checkpoint_keys_are_renamed_like_from_pretrained():
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(getattr(transformers, name)(vocab_size=V, **kw))
     f = Path("x.safetensors")
-    got = _key_map(model, {"embed_out.weight": f, "layers.0.attention.dense.weight": f,
+    got = key_map(model, {"embed_out.weight": f, "layers.0.attention.dense.weight": f,
                            "gpt_neox.final_layer_norm.bias": f, "stray.weight": f})
     assert got == {"lm_head.weight": ("embed_out.weight", f),
                    "gpt_neox.layers.0.attention.dense.weight": ("layers.0.attention.dense.weight", f),
@@ -267,7 +275,7 @@ def test_cli_picks_sequential_when_in_memory_does_not_fit(tmp_path, text, caplog
         assert main([*base, "--max-memory", "cpu=64GiB", "--out", str(tmp_path / "mem")]) == 0
     assert "mode: in-memory" in caplog.text
     report = json.loads((tmp_path / "mem" / "llmq_report.json").read_text())
-    assert report["quantize"].get("mode", "in-memory") == "in-memory"
+    assert report["quantize"]["mode"] == "in-memory"
     assert main([*base, "--sequential", "--eval", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
 

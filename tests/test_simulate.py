@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from llmq.alpha import search_alpha_
 from llmq.calibrate import calibrate
 from llmq.config import Quantization
 from llmq.errors import ConfigError
@@ -16,14 +17,12 @@ from llmq.quantize import linear_names, quantize_
 from llmq.simulate import (
     SimMode,
     fq_act,
-    group_error,
-    search_alpha_sim_,
+    sim_error,
     simulate_,
     simulated_perplexity,
-    smooth_scaled_,
     static_amax,
 )
-from llmq.smooth import smooth_, smooth_targets
+from llmq.smooth import expand_to_inputs, smooth_, smooth_target_, smooth_targets
 
 
 def _ids(shape=(4, 64), seed=0):
@@ -137,22 +136,26 @@ def test_per_tensor_never_finer_than_per_token_with_an_outlier():
     w = torch.randn(16, 32, generator=g)
     ref = x @ w.t()
     ones = torch.ones(32)
-    errs = {act: group_error(x, [w], ones, ref, SimMode(act, "channel"), float(x.abs().max()))
-            for act in ("token", "tensor", "static")}
+    x_max = x.abs().amax(0)
+    errs = {act: sim_error(SimMode(act, "channel"))(x, w, ones, ref, x_max) for act in ("token", "tensor", "static")}
     assert errs["token"] < errs["tensor"] / 10
     assert errs["static"] == pytest.approx(errs["tensor"])  # static at the true max == dynamic per tensor
-    e_wt = group_error(x, [w], ones, ref, SimMode("token", "tensor"))
+    e_wt = sim_error(SimMode("token", "tensor"))(x, w, ones, ref, x_max)
     assert e_wt >= errs["token"]
 
 
-def test_smooth_scaled_equals_smooth_and_static_max_is_exact():
-    """The returned scales reproduce smooth_, and max|X|/s equals a recalibration of the smoothed model."""
+def test_smooth_target_equals_smooth_and_static_max_is_exact():
+    """The scales smooth_target_ returns reproduce smooth_, and max|X|/s equals a recalibration of the
+    smoothed model."""
     m = tiny_llama()
     windows = _ids((4, 32), seed=1)
     names = linear_names(m, ("lm_head",))
     stats = calibrate(m, windows, names, progress=False)
     a, b = copy.deepcopy(m), copy.deepcopy(m)
-    s_in = smooth_scaled_(a, smooth_targets(a), stats.act_max, 0.6)
+    s_in = {}
+    for t in smooth_targets(a):
+        s = smooth_target_(a, t, stats.act_max, 0.6)
+        s_in.update({n: expand_to_inputs(t, s) for n in t.linear_names})
     smooth_(b, stats.act_max, 0.6)
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), k
@@ -161,7 +164,9 @@ def test_smooth_scaled_equals_smooth_and_static_max_is_exact():
     again = calibrate(a, windows, names, progress=False).act_max
     for n in names:
         assert amax[n] == pytest.approx(float(again[n].max()), rel=1e-4), n
-    assert smooth_scaled_(copy.deepcopy(m), smooth_targets(m), stats.act_max, 0.0) == {}
+    c = copy.deepcopy(m)
+    assert all(smooth_target_(c, t, stats.act_max, 0.0) is None for t in smooth_targets(c))
+    assert all(torch.equal(p, q) for p, q in zip(c.state_dict().values(), m.state_dict().values(), strict=True))
 
 
 def test_simulated_search_never_worse_than_naive_and_sweep_runs():
@@ -178,10 +183,10 @@ def test_simulated_search_never_worse_than_naive_and_sweep_runs():
     mode = SimMode("tensor", "channel")
     grid = (0.0, 0.25, 0.5, 0.75)
     s = copy.deepcopy(m)
-    chosen, s_in = search_alpha_sim_(s, smooth_targets(s), stats, grid, mode)
+    chosen, errors = search_alpha_(s, smooth_targets(s), stats, grid, error=sim_error(mode), progress=False)
     assert set(chosen) == {t.key for t in targets} and set(chosen.values()) <= set(grid)
     assert chosen["model.layers.0.attn"] > 0  # the outlier makes per-tensor smoothing pay
-    assert all(n in s_in for t in targets if chosen[t.key] for n in t.linear_names)
+    assert all(errors[k][f"{a:g}"] <= errors[k]["0"] for k, a in chosen.items())
 
     base = {k: v.clone() for k, v in m.state_dict().items()}
     ids = _ids((1, 96), seed=3).reshape(-1)

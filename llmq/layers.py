@@ -1,0 +1,151 @@
+"""Layer by layer: catch every decoder layer's inputs per calibration window (recorders stand in for the
+layers and stop the forward after the last one: the GPTQ / llm-compressor "catcher"), run one layer alone on
+those cached inputs (`Feed`, which llmq/stage.py drives like a model, by names relative to the model), and
+the layer loop both drivers run (`quantize_layers_`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .memory import trim_heap
+
+
+class _Caught(Exception):
+    """Raised by the last recorder: the layer inputs of this window are recorded, stop the forward."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `idx`: records its inputs, passes the hidden states through."""
+
+    def __init__(self, idx: int, inner: nn.Module, sink: list, last: bool) -> None:
+        super().__init__()
+        self._inner, self.idx, self.sink, self.last = [inner], idx, sink, last
+
+    def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "_inner":
+                raise
+            return getattr(self._inner[0], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.sink[self.idx] = (hidden if self.idx == 0 else None, args[1:], kwargs)
+        if self.last:
+            raise _Caught
+        return hidden  # only ever fed to the next recorder, which ignores it
+
+
+def catch_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, device: torch.device,
+                 store: torch.device) -> tuple[list[torch.Tensor], list[list]]:
+    """Per window: layer 0's hidden states (kept on `store`), and every layer's other args/kwargs, as
+    extras[layer][window]. The model runs each window as llmq.calibrate runs it."""
+    n = len(layers)
+    hidden: list[torch.Tensor] = []
+    extras: list[list] = [[] for _ in range(n)]
+    originals = list(layers)
+    sink: list = [None] * n
+    for i in range(n):
+        layers[i] = _Recorder(i, originals[i], sink, last=i == n - 1)
+    try:
+        with torch.inference_mode():
+            for w in range(windows.shape[0]):
+                try:
+                    model(windows[w:w + 1].to(device), use_cache=False)
+                except _Caught:
+                    pass
+                hidden.append(sink[0][0].to(store))
+                for i in range(n):
+                    extras[i].append(sink[i][1:])
+    finally:
+        for i in range(n):
+            layers[i] = originals[i]
+    return hidden, extras
+
+
+class Feed(nn.Module):
+    """Holds one decoder layer at its full name, so the stage can drive it like a model: a [1, seq_len]
+    tensor filled with window index w runs the layer on window w's cached input (filled with -1: on window
+    0's input as it was when the feed was made, for the fp16 range check of the converted layer).
+    `output(w)` returns the layer's output on window w; `advance_()` replaces every cached input with the
+    layer's output on it: the next layer's inputs, from this layer as it is now (int8, once converted)."""
+
+    def __init__(self, path: str, layer: nn.Module, inputs: list, extras: list, device: torch.device) -> None:
+        super().__init__()
+        node: nn.Module = self
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node.add_module(p, nn.Module())
+            node = getattr(node, p)
+        node.add_module(leaf, layer)
+        self.layer, self.inputs, self.extras, self.device = [layer], inputs, extras, device
+        self.first = inputs[0]
+
+    @staticmethod
+    def ids(n: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the ids that run windows 0..n-1, the id that runs the check)."""
+        return (torch.arange(n)[:, None].expand(n, seq_len).contiguous(),
+                torch.full((1, seq_len), -1, dtype=torch.long))
+
+    def _run(self, h: torch.Tensor, w: int) -> torch.Tensor:
+        args, kwargs = self.extras[w]
+        out = self.layer[0](h.to(self.device), *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, ids: torch.Tensor, use_cache: bool = False) -> None:
+        w = int(ids[0, 0])
+        self._run(self.first if w < 0 else self.inputs[w], max(w, 0))
+
+    def output(self, w: int) -> torch.Tensor:
+        return self._run(self.inputs[w], w)
+
+    @torch.inference_mode()
+    def advance_(self) -> None:
+        for w, h in enumerate(self.inputs):
+            self.inputs[w] = self._run(h, w).to(h.device)
+            del h
+            trim_heap()  # between windows, or the freed activations pile up in glibc's arenas
+
+
+def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames: list[str], *,
+                     hidden: list | None, extras: list | None, seq_len: int, scales, device: torch.device,
+                     load: Callable[[int], None] | None = None, unload: Callable[[int], None] | None = None,
+                     progress: bool = True):
+    """The layer loop both drivers run: for each decoder layer under `path`, `load(i)` (the sequential
+    driver reads its weights), llmq/stage.py on it fed the cached `hidden` states (the float pass that
+    calibrates it also leaves its outputs there as the next layer's inputs), then `unload(i)`. Without
+    `hidden` (no calibration text) each layer is only converted. Returns the merged BlockResult.
+
+    Each layer is calibrated (and its alpha searched) on the outputs of the layers before it as already
+    converted to int8, the inputs it will see in use (propagated, as GPTQ does)."""
+    from tqdm.auto import tqdm
+
+    from .stage import BlockResult, quantize_block_
+
+    layers = model.get_submodule(path)
+    total = BlockResult()
+    for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress):
+        if load is not None:
+            load(i)
+        prefix = f"{path}.{i}."
+        root, ids, check = model, None, None
+        if hidden is not None:
+            root = Feed(prefix[:-1], layers[i], hidden, extras[i], device)
+            ids, check = Feed.ids(len(hidden), seq_len)
+        res = quantize_block_(root, recipe, [t for t in targets if t.prev_name.startswith(prefix)],
+                              [n for n in qnames if n.startswith(prefix)], ids=ids, check_ids=check,
+                              scales=scales)
+        if hidden is not None:
+            root.advance_()
+        total.act_max.update(res.act_max)
+        total.alphas.update(res.alphas)
+        total.errors.update(res.errors)
+        total.tokens = res.tokens
+        if unload is not None:
+            unload(i)
+    return total

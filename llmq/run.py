@@ -1,0 +1,208 @@
+"""A quantization run: preflight (every input that can be checked without the model fails first), the typed
+Report, the atomic output folder, and the in-memory driver, which runs llmq/stage.py on the whole model:
+
+    load -> calibrate -> smooth -> quantize -> save -> (evaluate) -> card
+
+llmq/sequential.py is the other driver (layer by layer, for models larger than memory); both write the
+same folder through `finish_output`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .arch import layers_path
+from .calibrate import CalibrationStats, load_act_scales, save_act_scales
+from .config import OFFLINE_MODEL, Recipe
+from .data import calibration_set, load_text
+from .layers import catch_inputs, quantize_layers_
+from .load import base_model_id, check_seq_len, load
+from .memory import PeakMemory
+from .quantize import linear_names, mark_quantized_, replace_linears_
+from .report import CalibrationInfo, QuantizeInfo, Report
+from .save import atomic_dir, check_output, save_checkpoint
+from .smooth import smooth_targets
+from .stage import BlockResult, check_scales, collects, needs_windows, quantize_block_
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes
+    import transformers
+
+    return {"llmq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "bitsandbytes": bitsandbytes.__version__}
+
+
+@dataclass
+class Inputs:
+    """What preflight read: the resolved destination, the calibration text and the --act-scales maxima."""
+
+    dest: Path
+    cal_text: str | None
+    scales: CalibrationStats | None
+
+
+def preflight(recipe: Recipe, out: str | Path, overwrite: bool, evaluate: bool = False) -> Inputs:
+    """Fail in the first second on a bad output, text source or --act-scales, before any model loads."""
+    dest = check_output(out, overwrite)
+    cal = recipe.calibration
+    text = load_text(cal.source, "calibration") if needs_windows(recipe) else None
+    scales = load_act_scales(cal.act_scales) if needs_windows(recipe) and cal.act_scales else None
+    if evaluate:
+        load_text(recipe.evaluation.data, "evaluation")  # a bad eval source fails now, not after quantizing
+    return Inputs(dest, text, scales)
+
+
+def block_report(recipe: Recipe, res: BlockResult) -> Report:
+    """The quantization fields of the report from what the stage(s) chose and measured."""
+    q, sm, cal = recipe.quantization, recipe.smoothing, recipe.calibration
+    rep = Report(method=q.method, threshold=q.effective_threshold, skip=list(q.skip))
+    if needs_windows(recipe):
+        rep.alpha, rep.alphas = sm.alpha, res.alphas
+        rep.calibration = CalibrationInfo(cal.source, cal.samples, cal.seq_len, cal.seed, res.tokens, cal.act_scales)
+    return rep
+
+
+def stamp_(report: Report, recipe: Recipe, command: str) -> Report:
+    """Fill in where the run came from and with which versions."""
+    report.llmq_version, report.base_model = __version__, base_model_id(recipe.model)
+    report.license = "apache-2.0" if recipe.model == OFFLINE_MODEL else None
+    report.command, report.versions = command, versions()
+    return report
+
+
+def saved_stats(scales: CalibrationStats | None, res: BlockResult) -> CalibrationStats | None:
+    """The maxima written as act_scales.safetensors: the --act-scales ones, else the fresh ones, else none."""
+    if scales is not None:
+        return scales
+    return CalibrationStats(act_max=res.act_max, tokens=res.tokens) if res.act_max else None
+
+
+def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationStats | None) -> None:
+    """The files every llmq output folder has beside the weights: act scales, recipe, report, card."""
+    from .card import write_card
+
+    if stats is not None:
+        save_act_scales(stats, tmp / "act_scales.safetensors")
+    (tmp / "llmq_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    report.write(tmp)
+    write_card(tmp, recipe.push.repo_id)
+
+
+def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None = None,
+                    scales: CalibrationStats | None = None,
+                    progress: bool = True) -> tuple[Report, CalibrationStats | None]:
+    """Smooth (smoothquant only) and replace the linears with Int8 modules, in place. Smoothquant runs
+    llmq/stage.py layer by layer on the calibration windows (llmq/layers.py, as the sequential driver does);
+    the other methods run it once on the whole model. Returns the report's quantization fields and the
+    calibration statistics to save (None without calibration)."""
+    q, cal = recipe.quantization, recipe.calibration
+    targets = smooth_targets(model, recipe.smoothing.groups) if needs_windows(recipe) else []
+    if targets and scales is None and cal.act_scales:
+        scales = load_act_scales(cal.act_scales)
+    check_scales(scales, targets, cal.act_scales)
+    qnames = linear_names(model, q.skip)
+    if targets:
+        if windows is None:
+            windows = calibration_set(tokenizer, cal)
+        windows = windows if collects(recipe, scales is not None) else windows[:1]
+        path, device = layers_path(model), next(model.parameters()).device
+        hidden, extras = catch_inputs(model, model.get_submodule(path), windows, device, device)
+        res = quantize_layers_(model, path, recipe, targets, qnames, hidden=hidden, extras=extras,
+                               seq_len=windows.shape[1], scales=scales, device=device, progress=progress)
+        del hidden, extras
+        replace_linears_(model, [n for n in qnames if not n.startswith(path + ".")], q)
+    else:
+        res = quantize_block_(model, recipe, [], qnames, ids=None,
+                              check_ids=None if windows is None else windows[:1], progress=progress)
+    mark_quantized_(model, q)
+    return block_report(recipe, res), saved_stats(scales, res)
+
+
+def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torch.Tensor | None,
+                                                                          torch.Tensor | None]:
+    """(calibration windows, the guard's held-out windows): `samples` windows calibrate; with auto alpha,
+    `smoothing.guard_windows` more are drawn from the same text and held out (None when not guarding)."""
+    if not needs_windows(recipe):
+        return None, None
+    from dataclasses import replace
+
+    from .guard import split_windows
+
+    g = recipe.smoothing.guard_windows if recipe.smoothing.alpha == "auto" else 0
+    cal = replace(recipe.calibration, samples=recipe.calibration.samples + g)
+    windows, held = split_windows(calibration_set(tokenizer, cal, text), g)
+    return windows, (held if g else None)
+
+
+def _guard(model, tok, recipe: Recipe, windows, held, scales, report: Report, stats):
+    """llmq/guard.py on the in-memory auto model: the winner, its report fields and statistics."""
+    from .guard import guard_
+
+    def load_fp():
+        return load(recipe.model, dtype=recipe.dtype, device=recipe.device,
+                    trust_remote_code=recipe.trust_remote_code)[0]
+
+    def build(rec: Recipe):
+        m = load_fp()
+        return m, quantize_model_(m, tok, rec, windows=windows, scales=scales, progress=False)
+
+    model, won, result = guard_(model, recipe, held, load_fp, build)
+    if won is not None:
+        alpha = report.alpha
+        report, stats = won
+        report.alpha = alpha  # as asked ("auto"); the alphas are the rival's
+    report.guard = {"chosen": result.chosen, "fell_back": result.fell_back,
+                    "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
+                    "candidates": result.candidates}
+    return model, report, stats
+
+
+def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: bool = False,
+        command: str = "", progress: bool = True) -> Report:
+    """Quantize `recipe.model` into the folder `out` (atomically); optionally evaluate FP vs INT8 there.
+
+    Returns the report (also written to out/llmq_report.json)."""
+    from .evaluate import evaluate as evaluate_model
+
+    inputs = preflight(recipe, out, overwrite, evaluate)
+    cal = recipe.calibration
+    model, tok = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
+                      trust_remote_code=recipe.trust_remote_code)
+    if needs_windows(recipe):
+        check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
+    if evaluate:
+        check_seq_len(model, recipe.evaluation.seq_len + recipe.evaluation.bos, "evaluation.seq_len")
+    windows, held = calibration_split(tok, recipe, inputs.cal_text)
+    with atomic_dir(inputs.dest, overwrite) as tmp:
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        with PeakMemory(device) as pm:
+            report, stats = quantize_model_(model, tok, recipe, windows=windows, scales=inputs.scales,
+                                            progress=progress)
+            if held is not None:
+                model, report, stats = _guard(model, tok, recipe, windows, held, inputs.scales, report, stats)
+        stamp_(report, recipe, command)
+        report.quantize = QuantizeInfo(round(time.perf_counter() - t0, 3), pm.peak_bytes, pm.baseline_bytes,
+                                       pm.kind, str(device))
+        save_checkpoint(model, tok, tmp)
+        if evaluate:
+            log.info("checkpoint written to %s; evaluating FP vs INT8 on %s", tmp, recipe.evaluation.data)
+            fp, _ = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
+                         trust_remote_code=recipe.trust_remote_code)
+            r_fp = evaluate_model(fp, tok, recipe.evaluation, progress=progress)
+            r_q = evaluate_model(model, tok, recipe.evaluation, reference=fp, reference_name="fp",
+                                 progress=progress)
+            report.evaluation = {"fp": r_fp.to_dict(), "int8": r_q.to_dict()}
+            del fp
+        finish_output(tmp, recipe, report, stats)
+    log.info("wrote %s", inputs.dest)
+    return report

@@ -1,0 +1,101 @@
+"""The quantization stage: for one block (the whole model in memory, or one decoder layer fed by the
+sequential driver) and the calibration inputs it is run on:
+
+    calibrate -> choose and apply smoothing -> convert linears to int8 -> fp16 range check
+
+Every per-block decision lives here once; llmq/run.py (in memory) and llmq/sequential.py (layer by layer)
+both call `quantize_block_` and differ only in how they feed the block and where the weights come from.
+
+`root` is the module names are resolved against and that `ids` are run through: the model itself (ids are
+token windows), or the sequential driver's feed (ids select cached layer inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calibrate import CalibrationStats, calibrate
+from .config import Recipe
+from .errors import ConfigError
+from .quantize import check_finite_weights, check_fp16_range, replace_linears_
+from .smooth import SmoothTarget, smooth_
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockResult:
+    """What one block's stage measured and chose."""
+
+    act_max: dict[str, torch.Tensor] = field(default_factory=dict)  # freshly calibrated maxima (may be empty)
+    alphas: dict[str, float] = field(default_factory=dict)  # per smoothing target key
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: error per candidate alpha
+    tokens: int = 0  # calibration tokens run through the block
+
+
+def needs_windows(recipe: Recipe) -> bool:
+    """Whether a run needs calibration text: every smoothquant run does (maxima, or at least window 0 for the
+    fp16 range check); llm-int8 and weight-only need none."""
+    return recipe.quantization.method == "smoothquant"
+
+
+def collects(recipe: Recipe, have_scales: bool) -> bool:
+    """Whether the stage runs every calibration window through the float block: activation maxima for a
+    fixed alpha without --act-scales, and maxima + rows for auto. Otherwise only window 0 is needed."""
+    sm = recipe.smoothing
+    return needs_windows(recipe) and (sm.alpha == "auto" or (sm.alpha != 0.0 and not have_scales))
+
+
+def check_scales(scales: CalibrationStats | None, targets: list[SmoothTarget], path: str | None) -> None:
+    """ConfigError when a loaded --act-scales file lacks a linear the targets smooth."""
+    if scales is None:
+        return
+    names = {n for t in targets for n in t.linear_names}
+    lacks = sorted(names - set(scales.act_max))
+    if lacks:
+        raise ConfigError(f"--act-scales {path!r} does not match this model (it lacks {lacks[:2]}...); "
+                          "recalibrate without it")
+
+
+@torch.no_grad()
+def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget], qnames: list[str], *,
+                    ids: torch.Tensor | None, check_ids: torch.Tensor | None,
+                    scales: CalibrationStats | None = None, progress: bool = False) -> BlockResult:
+    """Quantize the block under `root` in place: `targets` are its smoothing groups (empty unless
+    smoothquant), `qnames` its linears to convert. `ids`: the calibration inputs (used when `collects`);
+    `check_ids`: the input of the fp16 range check (None: no check); `scales`: maxima from --act-scales."""
+    sm, cal = recipe.smoothing, recipe.calibration
+    check_finite_weights(root)
+    res = BlockResult()
+    if targets:
+        stats = scales
+        auto = sm.alpha == "auto"
+        if collects(recipe, scales is not None):
+            if ids is None:
+                raise ValueError("this block needs calibration inputs")  # a driver bug, not a user error
+            fresh = calibrate(root, ids, sorted({n for t in targets for n in t.linear_names}),
+                              sample_names=tuple(t.linear_names[0] for t in targets) if auto else (),
+                              sample_tokens=sm.auto_tokens if auto else 0, seed=cal.seed, progress=progress)
+            res.act_max, res.tokens = fresh.act_max, fresh.tokens
+            stats = fresh if scales is None else CalibrationStats(scales.act_max, fresh.samples, fresh.tokens)
+        if auto and callable(getattr(root, "output", None)):  # one decoder layer: score its whole output
+            from .alpha import search_layer_alpha_
+
+            res.alphas, res.errors = search_layer_alpha_(root, targets, qnames, stats, sm.grid,
+                                                         windows=range(min(sm.score_windows, ids.shape[0])))
+        elif auto:
+            from .alpha import search_alpha_
+
+            res.alphas, res.errors = search_alpha_(root, targets, stats, sm.grid, progress=progress)
+        elif sm.alpha != 0.0:
+            res.alphas = smooth_(root, stats.act_max, sm.alpha, targets=targets)
+        else:
+            res.alphas = {t.key: 0.0 for t in targets}
+    replace_linears_(root, qnames, recipe.quantization, progress=progress)
+    if check_ids is not None:
+        check_fp16_range(root, check_ids)
+    return res

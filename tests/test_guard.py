@@ -1,0 +1,110 @@
+"""--alpha auto: the layer-output search and the end-to-end guard (llmq/alpha.py, llmq/guard.py)."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_llama, tiny_text
+from test_sequential import _fp_folder
+
+from llmq.arch import ARCHS
+from llmq.calibrate import calibrate
+from llmq.config import Calibration, Quantization, Recipe, Smoothing
+from llmq.guard import rivals, split_windows
+from llmq.layers import Feed, catch_inputs
+from llmq.quantize import linear_names
+from llmq.run import run
+from llmq.smooth import smooth_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_family_alpha_table_matches_configs():
+    for family, arch in ARCHS.items():
+        path = ROOT / "configs" / f"{family}.yaml"
+        if path.exists():
+            assert yaml.safe_load(path.read_text())["smoothing"]["alpha"] == arch.alpha, family
+
+
+def test_split_windows_is_disjoint_and_spread():
+    w = torch.arange(10)[:, None].expand(10, 4)
+    cal, held = split_windows(w, 3)
+    assert cal.shape == (7, 4) and held.shape == (3, 4)
+    assert sorted(cal[:, 0].tolist() + held[:, 0].tolist()) == list(range(10))
+    assert held[:, 0].tolist() == [0, 4, 9] or held[:, 0].tolist() == [0, 5, 9]
+    same, none = split_windows(w, 0)
+    assert same is w and none.shape[0] == 0
+
+
+def test_rivals_are_alpha_zero_and_the_family_alpha():
+    r = rivals(Recipe(), "llama")
+    assert [x.smoothing.alpha for x in r.values()] == [0.0, 0.85]
+    assert [x.smoothing.alpha for x in rivals(Recipe(), "not-a-family").values()] == [0.0]
+
+
+def _layer_feed(model, windows):
+    layers = model.model.layers
+    hidden, extras = catch_inputs(model, layers, windows, torch.device("cpu"), torch.device("cpu"))
+    return Feed("model.layers.0", layers[0], hidden, extras[0], torch.device("cpu"))
+
+
+@torch.no_grad()
+def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output():
+    from llmq.alpha import search_layer_alpha_
+    from llmq.fakequant import SimMode, simulate_
+    from llmq.smooth import smooth_target_
+
+    m = tiny_llama()
+    with torch.no_grad():
+        m.model.layers[0].input_layernorm.weight[5] = 30.0  # an outlier channel
+    windows = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    feed = _layer_feed(m, windows)
+    targets = [t for t in smooth_targets(m) if t.key.startswith("model.layers.0.")]
+    qnames = [n for n in linear_names(m, ("lm_head",)) if n.startswith("model.layers.0.")]
+    ids, _ = Feed.ids(4, 32)
+    stats = calibrate(feed, ids, sorted({n for t in targets for n in t.linear_names}),
+                      sample_names=tuple(t.linear_names[0] for t in targets), sample_tokens=64, progress=False)
+    ref = feed.output(0)
+    base = copy.deepcopy(m.model.layers[0].state_dict())
+
+    def err(alphas):
+        m.model.layers[0].load_state_dict(base)
+        for t in targets:
+            smooth_target_(feed, t, stats.act_max, alphas[t.key])
+        hs = simulate_(feed, SimMode("token", "channel"), qnames)
+        e = float((feed.output(0) - ref).pow(2).sum())
+        for h in hs:
+            h.remove()
+        return e
+
+    chosen, errors = search_layer_alpha_(feed, targets, qnames, stats, (0.0, 0.3, 0.6, 0.9))
+    after = {k: v.clone() for k, v in m.model.layers[0].state_dict().items()}
+    assert set(chosen) == {t.key for t in targets}
+    assert err(chosen) <= err(dict.fromkeys(chosen, 0.0))
+    assert err(chosen) == pytest.approx(min(errors[targets[-1].key].values()))
+    m.model.layers[0].load_state_dict(base)  # the search left the chosen smoothing applied
+    for t in targets:
+        smooth_target_(feed, t, stats.act_max, chosen[t.key])
+    assert all(torch.equal(after[k], v) for k, v in m.model.layers[0].state_dict().items())
+
+
+def test_run_auto_ships_the_lowest_held_out_kl(tmp_path):
+    fp = _fp_folder(tmp_path, "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(4000))
+    recipe = Recipe(model=str(fp), calibration=Calibration(source=str(text), samples=6, seq_len=32),
+                    smoothing=Smoothing(alpha="auto", auto_tokens=64, guard_windows=3,
+                                        grid=(0.0, 0.4, 0.8)),
+                    quantization=Quantization(method="smoothquant"))
+    rep = run(recipe, tmp_path / "out", progress=False)
+    g = rep.guard
+    assert g is not None and g["held_out_windows"] == 3 and g["held_out_tokens"] == 3 * 31
+    kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
+    assert sorted(kls) == ["alpha 0", "auto", "family alpha 0.85"]
+    assert kls[g["chosen"]] == min(kls.values()) and kls[g["chosen"]] <= kls["alpha 0"]
+    assert g["fell_back"] == (g["chosen"] != "auto")
+    assert rep.calibration.samples == 6 and rep.calibration.tokens == 6 * 32  # held-out windows not used
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Guard" in card and f"{kls['alpha 0']:.4g}" in card
