@@ -100,7 +100,7 @@ def _resolve(model: nn.Module, text_cfg, base: str, g: Group) -> SmoothTarget:
     n_rep, head_dim = 1, 0
     if g.name == "v_o":
         heads = text_cfg.num_attention_heads
-        kv = g.kv_heads or getattr(text_cfg, "num_key_value_heads", None) or heads
+        kv = getattr(text_cfg, "num_key_value_heads", None) or heads
         n_rep, head_dim = heads // kv, in_dim // heads
     size = in_dim // n_rep
     prev_rows = None
