@@ -4,9 +4,10 @@ For every norm-fed smoothing group of SmolLM2 (real norm weights, real calibrati
 norm's multiplier m_j (plain norm: w_j; Gemma norm: 1 + w_j) is divided by s_j and stored in the dtype, and
 the consumer columns are multiplied by the scale llmq applied. Smoothing is exact when
     stored multiplier (as the model computes it) * applied scale == original multiplier,
-so this prints p99 and max over channels of |that ratio - 1|. The Gemma rows store the same multipliers
-m as w = m - 1, the way a Gemma checkpoint holds them. The consumer weights' own rounding to 16 bits is
-per element, not per channel, and the same for every method; it is not part of this number.
+so this prints p99 and max over channels of |that ratio - 1|, and p99 of |applied / requested s - 1|.
+The Gemma rows store the same multipliers m as w = m - 1, the way a Gemma checkpoint holds them. The
+consumer weights' own rounding to 16 bits is per element, not per channel, and the same for every method;
+it is not part of this number.
 
     python scripts/smooth_precision.py [--alpha 0.5] [--samples 8] [--seq-len 256]
 """
@@ -27,8 +28,10 @@ class _Pair(nn.Module):
         self.lin = nn.Linear(w.numel(), out, bias=False, dtype=dtype)
 
 
-def multiplier_errors(m: torch.Tensor, s: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """|stored multiplier * applied scale / original multiplier - 1| per channel, for one norm."""
+def multiplier_errors(m: torch.Tensor, s: torch.Tensor, kind: str,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel of one norm: |stored multiplier * applied scale / original multiplier - 1|, and
+    |applied scale / requested s - 1| (how far storage moved the smoothing itself)."""
     from llmq.smooth import SmoothTarget, apply_scales_
 
     one = 1.0 if kind == "gemma_norm" else 0.0
@@ -40,7 +43,7 @@ def multiplier_errors(m: torch.Tensor, s: torch.Tensor, kind: str, dtype: torch.
     applied = s if applied is None else applied  # llmq before 16-bit-exact smoothing returned nothing
     after = model_m(pair.norm.weight.detach()).double() * applied.double()
     live = before != 0
-    return ((after[live] / before[live]) - 1).abs()
+    return ((after[live] / before[live]) - 1).abs(), (applied.double() / s.double() - 1).abs()
 
 
 def main() -> None:
@@ -63,12 +66,13 @@ def main() -> None:
     pairs = [(model.get_submodule(t.prev_name).weight.detach().float(),
               smoothing_scales(act_max(t, stats.act_max), weight_max(model, t), args.alpha)) for t in targets]
     print(f"SmolLM2 norms x {len(targets)} groups, alpha {args.alpha}, {windows.numel()} calibration tokens")
-    print("| dtype | norm | p99 relative error | max relative error |\n|---|---|---|---|")
+    print("| dtype | norm | p99 relative error | max relative error | p99 scale change |\n|---|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for kind in ("norm", "gemma_norm"):
-            err = torch.cat([multiplier_errors(m, s, kind, dtype) for m, s in pairs])
+            rows = [multiplier_errors(m, s, kind, dtype) for m, s in pairs]
+            err, moved = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
             print(f"| {str(dtype)[6:]} | {'gemma (1+w)' if kind == 'gemma_norm' else 'plain w'} | "
-                  f"{err.quantile(0.99).item():.2e} | {err.max().item():.2e} |")
+                  f"{err.quantile(0.99).item():.2e} | {err.max().item():.2e} | {moved.quantile(0.99).item():.2e} |")
 
 
 if __name__ == "__main__":
