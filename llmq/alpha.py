@@ -79,8 +79,7 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
     quantizes through fp16; CUDA's int8_mm_dequant writes fp16) is dropped (error inf). Returns (alpha per
     key, error per alpha per key: the sweep's errors)."""
     from .fakequant import SimMode, simulate_
-    from .quantize import FP16_MAX
-    from .smooth import smooth_target_
+    from .smooth import fits_fp16, smooth_target_
 
     layer = feed.layer[0]
     base = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -91,12 +90,11 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
         layer.load_state_dict(base)
         for t in targets:
             smooth_target_(feed, t, stats.act_max, alphas[t.key])
-        if any(float(linear_weight(feed.get_submodule(n)).abs().max()) > FP16_MAX for n in qnames):
-            return float("inf")
-        peak = [0.0]
+        w_max = max(float(linear_weight(feed.get_submodule(n)).abs().max()) for n in qnames)
+        peak = [0.0, 0.0]  # int8 inputs, outputs
 
         def watch(module, args, out):
-            peak[0] = max(peak[0], float(args[0].abs().max()), float(out.abs().max()))
+            peak[0], peak[1] = max(peak[0], float(args[0].abs().max())), max(peak[1], float(out.abs().max()))
 
         handles = simulate_(feed, SimMode("token", "channel"), qnames)
         handles += [feed.get_submodule(n).register_forward_hook(watch) for n in qnames]
@@ -106,7 +104,7 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
         finally:
             for h in handles:
                 h.remove()
-        return err if peak[0] <= FP16_MAX and err == err else float("inf")
+        return err if fits_fp16(w_max, peak[0], peak[1]) and err == err else float("inf")
 
     start, _ = search_alpha_(feed, targets, stats, grid, progress=False)  # per group, applied: undone in score
     zero = dict.fromkeys(keys, 0.0)

@@ -9,14 +9,18 @@ Exactness rules that decide what may appear here (see llmq/smooth.py for the for
 
 - "attn" / "mlp": a norm whose output feeds ONLY the listed linears. Post-LN layouts (OPT-350m,
   BLOOM with apply_residual_connection_post_layernorm) also send the norm output into the residual
-  stream, so they are excluded with `when`. Where one norm feeds attention and MLP (Falcon parallel
-  attention with one norm) there is a single "attn" group whose linears include the MLP input.
+  stream, so they are excluded with `when`. Where one norm feeds both attention and MLP (parallel
+  attention), one "attn" group lists the MLP input among its linears.
 - "v_o": v's output channels reach o's input channels unchanged (attention mixes tokens, not channels).
   Only where v's rows are contiguous: separate v_proj, or the TAIL rows of a fused [q|k|v] projection
-  (Phi3, GPT-2, Falcon multi-query). Skipped for per-head interleaved qkv (GPT-NeoX, BLOOM, Falcon
-  non-multi-query/new architecture): exact in principle, but needs an index map we do not test.
+  (Phi3, GPT-2). Skipped for per-head interleaved qkv (GPT-NeoX, BLOOM): exact in principle, but needs an
+  index map we do not test.
 - "up_down": down's input is act(gate(x)) * up(x), so dividing up's rows divides down's input exactly.
   Not for ungated MLPs (fc1 -> act -> fc2): the activation is in between.
+
+`NO_INT8`: families no llmq method converts. Stock transformers' bitsandbytes loader rebuilds only modules
+whose type is exactly nn.Linear, or Conv1D (transformers/integrations/bitsandbytes.py,
+`replace_with_bnb_linear`), so a family built from nn.Linear subclasses would reload in float.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ class Group:
     linears: tuple[str, ...]
     prev_kind: str = "norm"  # "norm": w/s, b/s; "gemma_norm": output = norm(x) * (1 + w); "linear": rows/s
     tail: bool = False  # prev is fused; only its LAST rows (v of [q|k|v], up of [gate|up]) feed the linears
-    kv_heads: int | None = None  # v_o only: fixed number of kv heads (Falcon multi-query); None: from config
     when: tuple[tuple[str, Any], ...] = ()  # (text-config attribute, required value) pairs
 
 
@@ -63,9 +66,6 @@ def _llama_like(layers: str = "model.layers", norm: str = "norm", mlp_norm: str 
 
 _GEMMA2 = _llama_like(norm="gemma_norm", mlp_norm="pre_feedforward_layernorm")  # post_* norms stay untouched
 _OPT_PRE_LN = (("do_layer_norm_before", True), ("layer_norm_elementwise_affine", True))
-_FALCON_QKV, _FALCON_FC = "self_attention.query_key_value", "mlp.dense_h_to_4h"
-_FALCON_NEW2 = (("new_decoder_architecture", True), ("num_ln_in_parallel_attn", 2))
-_FALCON_SEQ = (("new_decoder_architecture", False), ("parallel_attn", False))
 
 ARCHS: dict[str, Arch] = {
     "llama": _llama_like(alpha=0.85),
@@ -97,18 +97,6 @@ ARCHS: dict[str, Arch] = {
         Group("attn", "input_layernorm", ("attention.query_key_value",)),
         Group("mlp", "post_attention_layernorm", ("mlp.dense_h_to_4h",)),
     )),
-    "falcon": Arch("transformer.h", (
-        Group("attn", "ln_attn", (_FALCON_QKV,), when=_FALCON_NEW2),
-        Group("mlp", "ln_mlp", (_FALCON_FC,), when=_FALCON_NEW2),
-        Group("attn", "input_layernorm", (_FALCON_QKV, _FALCON_FC),
-              when=(("new_decoder_architecture", True), ("num_ln_in_parallel_attn", 1))),
-        Group("attn", "input_layernorm", (_FALCON_QKV, _FALCON_FC),
-              when=(("new_decoder_architecture", False), ("parallel_attn", True))),
-        Group("attn", "input_layernorm", (_FALCON_QKV,), when=_FALCON_SEQ),
-        Group("mlp", "post_attention_layernorm", (_FALCON_FC,), when=_FALCON_SEQ),
-        Group("v_o", _FALCON_QKV, ("self_attention.dense",), "linear", tail=True, kv_heads=1,
-              when=(("new_decoder_architecture", False), ("multi_query", True))),
-    ), 0.6),
     "bloom": Arch("transformer.h", (
         Group("attn", "input_layernorm", ("self_attention.query_key_value",),
               when=(("apply_residual_connection_post_layernorm", False),)),
@@ -118,19 +106,35 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+NO_INT8: dict[str, str] = {  # model_type -> its nn.Linear subclass
+    "falcon": "FalconLinear",
+}
+
+
+def check_int8_supported(model_type: str | None) -> None:
+    """Raise UnsupportedArchitecture for a family in NO_INT8: no method can make a checkpoint of it that
+    stock transformers reloads as int8."""
+    if model_type in NO_INT8:
+        raise UnsupportedArchitecture(
+            f"llmq cannot quantize {model_type!r} models: their projections are {NO_INT8[model_type]}, which "
+            "transformers' bitsandbytes loader does not rebuild as int8 (it takes exact nn.Linear only), so "
+            "no method gives a checkpoint that stock from_pretrained reloads; keep this model in 16-bit")
+
+
 def supported_model_types() -> list[str]:
     return sorted(ARCHS)
 
 
 def get_arch(model_type: str) -> Arch:
     """The table entry for a `config.model_type`; raises UnsupportedArchitecture for unknown families."""
+    check_int8_supported(model_type)
     try:
         return ARCHS[model_type]
     except KeyError:
         raise UnsupportedArchitecture(
             f"SmoothQuant has no table entry for model type {model_type!r}; supported: "
             f"{', '.join(supported_model_types())}. Use --method llm-int8 or --method weight-only, "
-            "which work on any architecture."
+            "which need no table entry."
         ) from None
 
 

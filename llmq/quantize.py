@@ -17,15 +17,17 @@ outlier threshold, which stock transformers reads back from `config.json`'s `qua
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import Quantization
-from .errors import NumericalError
+from .errors import NumericalError, UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
+MIN_CONVERTED = 0.9  # share of the linear-like weights (outside skip) that must be convertible
 
 
 def _silence_bnb() -> None:
@@ -34,9 +36,17 @@ def _silence_bnb() -> None:
 
 
 def _is_linear(module) -> bool:
+    """Exactly nn.Linear or Conv1D: the only types stock transformers' bitsandbytes loader rebuilds as int8."""
     from transformers.pytorch_utils import Conv1D
 
     return type(module) in (torch.nn.Linear, Conv1D)
+
+
+def _linear_like(module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    # bitsandbytes' Int8 modules subclass nn.Linear: already converted, not left out
+    return isinstance(module, (torch.nn.Linear, Conv1D)) and not type(module).__module__.startswith("bitsandbytes")
 
 
 def skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -45,7 +55,37 @@ def skipped(name: str, skip: tuple[str, ...]) -> bool:
 
 
 def linear_names(model, skip: tuple[str, ...] = ()) -> list[str]:
-    return [n for n, m in model.named_modules() if _is_linear(m) and not skipped(n, skip)]
+    """The linears quantize_ converts: exact nn.Linear / Conv1D outside `skip`.
+
+    Raises UnsupportedArchitecture when that is none of them, or when nn.Linear subclasses (which stock
+    transformers would reload in float) hold more than 1 - MIN_CONVERTED of the linear weights; smaller
+    leftovers stay in float, with a warning."""
+    from .arch import check_int8_supported
+
+    check_int8_supported(getattr(getattr(model, "config", None), "model_type", None))
+    names, done, left = [], 0, Counter()
+    for n, m in model.named_modules():
+        if skipped(n, skip) or not _linear_like(m):
+            continue
+        if _is_linear(m):
+            names.append(n)
+            done += m.weight.numel()
+        else:
+            left[type(m).__name__] += m.weight.numel()
+    total = done + sum(left.values())
+    kinds = ", ".join(f"{k} ({v / total:.0%} of the linear weights)" for k, v in left.most_common())
+    if total == 0:
+        raise UnsupportedArchitecture(f"no float nn.Linear or Conv1D layer outside skip {list(skip)} is left to "
+                                      "convert to int8 (the model is int8 already, or --skip covers every "
+                                      "linear); quantize the float model, or shorten --skip")
+    if done < MIN_CONVERTED * total:
+        raise UnsupportedArchitecture(
+            f"only {len(names)} linear layers ({done / total:.0%} of the linear weights) can become int8; "
+            f"left out: {kinds}: transformers' bitsandbytes loader rebuilds exact nn.Linear/Conv1D only, so "
+            "the checkpoint would not reload as int8; keep this model in 16-bit")
+    if left:
+        log.warning("left in float (nn.Linear subclasses transformers would not reload as int8): %s", kinds)
+    return names
 
 
 def check_finite_weights(model) -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .arch import layers_path
+from .arch import check_int8_supported, layers_path
 from .calibrate import CalibrationStats, load_act_scales, save_act_scales
 from .config import OFFLINE_MODEL, Recipe
 from .data import calibration_set, load_text
 from .layers import catch_inputs, quantize_layers_
-from .load import base_model_id, check_seq_len, load
+from .load import base_model_id, check_seq_len, load, load_config
 from .memory import PeakMemory
 from .quantize import linear_names, mark_quantized_, replace_linears_
 from .report import CalibrationInfo, QuantizeInfo, Report
@@ -175,6 +175,7 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
 
     inputs = preflight(recipe, out, overwrite, evaluate)
     cal = recipe.calibration
+    check_int8_supported(load_config(recipe.model, recipe.trust_remote_code).model_type)  # before the weights
     model, tok = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
                       trust_remote_code=recipe.trust_remote_code)
     if needs_windows(recipe):

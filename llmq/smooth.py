@@ -4,12 +4,23 @@ For one group (a module `prev` whose output feeds the linears `L`) and each chan
 
     s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)
 
-max|X_j|: the calibration running abs-max of the linears' input channel j, clamped at >= 1e-5;
-max|W_j|: the abs-max of column j over the weights of all linears in L, clamped at >= 1e-5;
-s is clamped at >= 1e-5 (as in mit-han-lab/smoothquant). Then prev's output channel j is divided by s_j
-(a norm's weight and bias; a Gemma norm's (1 + w), i.e. w <- (1 + w) / s - 1; a linear's output row and
-bias) and column j of every weight in L is multiplied by s_j: X W^T = (X / s)(W * s)^T, exact in real
-arithmetic, so float32 logits do not change (tests/test_smooth.py checks every family in llmq/arch.py).
+max|X_j|: the calibration running abs-max of the linears' input channel j; max|W_j|: the abs-max of column j
+over the weights of all linears in L; both clamped at >= 1e-5, and s clamped at >= 1e-5 (as in
+mit-han-lab/smoothquant). A dead channel (max|X_j| or max|W_j| at most 1e-5 of the group's largest, e.g. 0)
+keeps s_j = 1: it carries nothing to balance, and the formula would scale its weights or norm by up to 1e5.
+Then prev's output channel j is divided by s_j and column j of every weight in L is multiplied by s_j:
+X W^T = (X / s)(W * s)^T, exact in real arithmetic, so float32 logits do not change
+(tests/test_smooth.py checks every family in llmq/arch.py, in float32, bfloat16 and float16).
+
+Storage (16-bit exactness): a norm applies one multiplier m_j per channel (w_j; a Gemma norm 1 + w_j).
+m_j / s_j is first stored in the norm's dtype (a Gemma norm stores w' = m_j / s_j - 1, which cancels badly
+in 16 bits when m_j / s_j is small), then the consumers are multiplied by s'_j = m_j / m'_j, computed in
+float64 from the multiplier m'_j the model will actually apply. Norm times consumer is then exactly m_j
+per channel whatever the rounding, and only the consumer weights' own rounding remains (as for any 16-bit
+weight). s' differs from s by the storage rounding (for a Gemma norm in bfloat16, m' is a multiple of
+2^-8 below 1). |m_j / s_j| is kept at or above the dtype's smallest step there, so no channel rounds to 0.
+A linear `prev` divides whole rows (and bias), elementwise rounding with no cancellation: s' = s.
+A norm's bias is divided by s'.
 
 llmq convention: alpha == 0 means NO smoothing, s = 1 exactly, weights untouched. (The formula at
 alpha 0 would put the whole range onto the activations, which nobody wants.) Alpha 0 is the naive
@@ -21,6 +32,9 @@ are reduced (max) over the n_rep query heads sharing a kv head, and s is expande
 
 Within a layer the groups are applied in table order (attn, v_o, mlp, up_down), which leaves each
 group's consumers untouched until its own turn: every s is computed from the original weights.
+
+float16 range: bitsandbytes quantizes weights and (W8A8) activations through float16, and on CUDA its int8
+matmul writes a float16 output. `fits_fp16` tells whether a candidate's smoothed maxima stay inside.
 """
 
 from __future__ import annotations
@@ -86,7 +100,7 @@ def _resolve(model: nn.Module, text_cfg, base: str, g: Group) -> SmoothTarget:
     n_rep, head_dim = 1, 0
     if g.name == "v_o":
         heads = text_cfg.num_attention_heads
-        kv = g.kv_heads or getattr(text_cfg, "num_key_value_heads", None) or heads
+        kv = getattr(text_cfg, "num_key_value_heads", None) or heads
         n_rep, head_dim = heads // kv, in_dim // heads
     size = in_dim // n_rep
     prev_rows = None
@@ -148,12 +162,32 @@ def weight_max(model: nn.Module, target: SmoothTarget) -> torch.Tensor:
 
 
 def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = max|X|^alpha / max|W|^(1-alpha) with the reference clamps; alpha 0 -> ones (no smoothing)."""
+    """s = max|X|^alpha / max|W|^(1-alpha) with the reference clamps; 1 on dead channels; alpha 0 -> ones."""
     if alpha == 0:
         return torch.ones(weight_max.shape, dtype=torch.float32, device=weight_max.device)
-    a = act_max.float().to(weight_max.device).clamp(min=_EPS)
-    w = weight_max.float().clamp(min=_EPS)
-    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=_EPS)
+    a = act_max.float().to(weight_max.device)
+    w = weight_max.float()
+    s = (a.clamp(min=_EPS).pow(alpha) / w.clamp(min=_EPS).pow(1 - alpha)).clamp(min=_EPS)
+    dead = (a <= _EPS * a.max()) | (w <= _EPS * w.max())
+    dead &= torch.isfinite(a) & torch.isfinite(w)  # inf/nan maxima must reach apply_scales_' check
+    return torch.where(dead, torch.ones_like(s), s)
+
+
+def fits_fp16(weight_max: float | torch.Tensor, act_max: float | torch.Tensor,
+              out_max: float | torch.Tensor, headroom: float = 1.0) -> bool:
+    """Whether a smoothing candidate keeps bitsandbytes inside float16, where CUDA computes it.
+
+    weight_max: max |W * s| over the group's linears (what Int8Params quantizes from float16);
+    act_max: max |X / s| on calibration rows (W8A8 casts activations to float16 before quantizing);
+    out_max: an estimate of max |X W^T| (+ bias) of the linears' outputs: CUDA's int8 matmul dequantizes
+    into float16, so an output beyond 65504 is inf on GPU although CPU (float32) computes it.
+    Tensors count by their largest |value|. False when any value, times `headroom` (> 1 for a margin over
+    what calibration saw), exceeds 65504 or is not finite.
+    """
+    from .quantize import FP16_MAX
+
+    vals = [float(torch.as_tensor(v).detach().abs().max()) for v in (weight_max, act_max, out_max)]
+    return all(v * headroom <= FP16_MAX for v in vals)  # nan compares False
 
 
 def _update_(target: SmoothTarget, p: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -165,8 +199,29 @@ def _update_(target: SmoothTarget, p: torch.Tensor, fn: Callable[[torch.Tensor],
     p.copy_(new)  # callers hold torch.no_grad()
 
 
-def apply_scales_(model: nn.Module, target: SmoothTarget, s: torch.Tensor) -> None:
-    """Divide prev's output channels by s and multiply the consumers' input channels by s, in place."""
+def _divide_norm_(target: SmoothTarget, prev: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """Store the norm's multipliers m / s in its dtype; return s' = m / m' (m' as the model computes it)."""
+    one = 1.0 if target.prev_kind == "gemma_norm" else 0.0  # Gemma: m = 1 + w, added in float32
+    dtype = prev.weight.dtype
+    as_model = (lambda w: w.float() + one) if one else (lambda w: w)
+    m = as_model(prev.weight.detach().cpu()).double()
+    want = m / s.detach().cpu().double()
+    floor = torch.finfo(dtype).eps if one else torch.finfo(dtype).tiny  # smallest |m'| that is not 0
+    want = torch.where(m == 0, want, want.sign() * want.abs().clamp(min=floor))
+    stored = (want - one).to(dtype)
+    got = as_model(stored).double()
+    s_used = torch.where(m == 0, 1.0, m / got).float()
+    _update_(target, prev.weight, lambda _: stored.float().to(prev.weight.device))
+    if getattr(prev, "bias", None) is not None:
+        _update_(target, prev.bias, lambda b: b / s_used.to(b.device))
+    return s_used.to(s.device)
+
+
+def apply_scales_(model: nn.Module, target: SmoothTarget, s: torch.Tensor) -> torch.Tensor:
+    """Divide prev's output channels by s and multiply the consumers' input channels by the same, in place.
+
+    Returns the scales applied (float32, s space): s itself, or for a norm s' = m / m', which makes the
+    stored pair exact (see the module docstring)."""
     if s.shape != (target.channels,) or not bool(torch.isfinite(s).all() and (s > 0).all()):
         raise NumericalError(f"smoothing scales for {target.key} must be {target.channels} finite positive "
                              f"values, got shape {tuple(s.shape)} with min {s.min().item():.3g}, "
@@ -180,17 +235,15 @@ def apply_scales_(model: nn.Module, target: SmoothTarget, s: torch.Tensor) -> No
             _update_(target, w[lo:hi], lambda x: x / sp[:, None])
             if prev.bias is not None:
                 _update_(target, prev.bias[lo:hi], lambda x: x / sp)
-        elif target.prev_kind == "gemma_norm":  # output = norm(x) * (1 + w)
-            _update_(target, prev.weight, lambda x: (1.0 + x) / sp - 1.0)
+            s = s.float()
         else:
-            _update_(target, prev.weight, lambda x: x / sp)
-            if getattr(prev, "bias", None) is not None:
-                _update_(target, prev.bias, lambda x: x / sp)
+            s = _divide_norm_(target, prev, s)
         s_in = expand_to_inputs(target, s.float())
         for name in target.linear_names:
             w = linear_weight(model.get_submodule(name))
             si = s_in.to(w.device)
             _update_(target, w, lambda x, si=si: x * si[None, :])
+    return s
 
 
 def _alphas(targets: list[SmoothTarget], alpha: float | Mapping[str, float]) -> dict[str, float]:
@@ -207,12 +260,11 @@ def _alphas(targets: list[SmoothTarget], alpha: float | Mapping[str, float]) -> 
 
 def smooth_target_(model: nn.Module, target: SmoothTarget, act_scales: Mapping[str, torch.Tensor],
                    alpha: float) -> torch.Tensor | None:
-    """Smooth one target in place with `alpha`; returns the scales s applied (None for alpha 0: untouched)."""
+    """Smooth one target in place with `alpha`; returns the scales applied (None for alpha 0: untouched)."""
     if alpha == 0:
         return None
-    s = smoothing_scales(act_max(target, act_scales), weight_max(model, target), alpha)
-    apply_scales_(model, target, s)
-    return s
+    return apply_scales_(model, target, smoothing_scales(act_max(target, act_scales), weight_max(model, target),
+                                                         alpha))
 
 
 def smooth_(model: nn.Module, act_scales: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float],

@@ -138,7 +138,7 @@ def _readonly_dir(root: Path) -> Path:
 def build_inputs(root: Path) -> dict[str, str]:
     """Every input of the battery, under `root`; returns the `{name}` placeholders of `CASES`."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPTBigCodeConfig
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel, FalconConfig, GPTBigCodeConfig
 
     from llmq.assets import model_folder, model_gguf, wiki_text_path
 
@@ -180,6 +180,9 @@ def build_inputs(root: Path) -> dict[str, str]:
     model("bigweight", big)
     model("bigcode", AutoModelForCausalLM.from_config(GPTBigCodeConfig(
         n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256, bos_token_id=1, eos_token_id=2)))
+    model("falcon", AutoModelForCausalLM.from_config(FalconConfig(  # FalconLinear: no stock int8 reload
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, new_decoder_architecture=True,
+        num_kv_heads=2, bos_token_id=1, eos_token_id=2)))
     model("bert", BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64, vocab_size=256)))
     p["noconfig"] = inp / "noconfig"
@@ -344,6 +347,14 @@ CASES = [
     Case("model-custom-code", "quantize {remote} --out {out}", "contains custom code", "--trust-remote-code"),
     Case("arch-not-in-table", T.replace("{tiny}", "{bigcode}"), "no table entry for model type 'gpt_bigcode'",
          "--method llm-int8"),
+    Case("arch-falcon-smoothquant", T.replace("{tiny}", "{falcon}"), "projections are FalconLinear",
+         "keep this model in 16-bit"),
+    Case("arch-falcon-llm-int8", T.replace("{tiny}", "{falcon}") + " --method llm-int8",
+         "projections are FalconLinear", "keep this model in 16-bit"),
+    Case("arch-falcon-sequential", "quantize {falcon} --method weight-only --sequential --out {out}",
+         "projections are FalconLinear", "keep this model in 16-bit"),
+    Case("arch-falcon-plan", "plan {falcon} --method llm-int8", "projections are FalconLinear",
+         "keep this model in 16-bit"),
     Case("weights-nan", T.replace("{tiny}", "{nan}"), "inf/nan in model.layers.1.mlp.down_proj.weight",
          "re-download"),
     Case("calib-seq-len-beyond-positions", T + " --calib-seq-len 512", "max_position_embeddings (256)",

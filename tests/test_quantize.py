@@ -40,6 +40,67 @@ def test_skip_rule():
     assert skipped("model.layers.0.mlp.up_proj", ("model.layers.0.mlp.up_proj",))
 
 
+def _tiny_falcon():
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    cfg = FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       new_decoder_architecture=True, num_kv_heads=2)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_falcon_is_refused_by_every_method_and_the_planner():
+    """FalconLinear subclasses nn.Linear; transformers' bitsandbytes loader replaces exact nn.Linear only, so
+    a 'quantized' Falcon would be float weights under an int8 quantization_config. Every path refuses it."""
+    from llmq.errors import UnsupportedArchitecture
+    from llmq.plan import estimate
+    from llmq.smooth import smooth_targets
+
+    model = _tiny_falcon()
+    assert {type(m).__name__ for m in model.modules()} >= {"FalconLinear"}
+    for call in (lambda: smooth_targets(model), lambda: linear_names(model, ("lm_head",)),
+                 *[lambda m=m: quantize_(model, Quantization(method=m), progress=False)
+                   for m in ("smoothquant", "llm-int8", "weight-only")],
+                 lambda: estimate(model.config, method="llm-int8", calib_samples=2, calib_seq_len=16)):
+        with pytest.raises(UnsupportedArchitecture, match="'falcon'.*FalconLinear.*keep this model in 16-bit"):
+            call()
+    assert not any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+    assert not hasattr(model.config, "quantization_config")
+
+
+class _MyLinear(torch.nn.Linear):
+    pass
+
+
+def _subclass_(model, names):
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        old = model.get_submodule(n)
+        new = _MyLinear(old.in_features, old.out_features, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        setattr(model.get_submodule(parent), child, new)
+
+
+def test_linear_subclasses_left_out_are_an_error_or_a_warning(caplog):
+    """The general guard (no family knowledge): linears quantize_ cannot convert are counted by weight."""
+    from llmq.errors import UnsupportedArchitecture
+
+    model = tiny_llama()
+    _subclass_(model, [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")])
+    with pytest.raises(UnsupportedArchitecture, match=r"only 8 linear layers \(33%.*_MyLinear \(67% of the"):
+        quantize_(model, Quantization(method="llm-int8"), progress=False)
+    model = tiny_llama()
+    _subclass_(model, ["model.layers.0.self_attn.k_proj"])  # 3% of the linear weights: converted around
+    with caplog.at_level("WARNING", logger="llmq.quantize"):
+        names = quantize_(model, Quantization(method="llm-int8"), progress=False)
+    assert "model.layers.0.self_attn.k_proj" not in names and len(names) == 13
+    assert "_MyLinear (3% of the linear weights)" in caplog.text
+    assert type(model.get_submodule("model.layers.0.self_attn.k_proj")) is _MyLinear
+    with pytest.raises(UnsupportedArchitecture, match="int8 already"):  # nothing float is left
+        quantize_(model, Quantization(method="llm-int8", skip=("lm_head", "k_proj")), progress=False)
+    with pytest.raises(UnsupportedArchitecture, match="shorten --skip"):
+        linear_names(tiny_llama(), ("lm_head", "model"))
+
+
 def test_threshold_changes_output_on_outlier_column():
     """LLM.int8's threshold must act on CPU: an injected outlier column is computed in high precision."""
     from types import SimpleNamespace
