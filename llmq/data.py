@@ -1,7 +1,8 @@
 """Text sources -> token windows, shared by calibration and evaluation.
 
 Sources (`load_text`): ``llmq:wiki`` (the offline Wikipedia articles, split by articles into disjoint
-evaluation and calibration parts, see llmq/assets.py); a local UTF-8 ``.txt``, ``.jsonl`` (a ``text`` field
+evaluation and calibration parts) or ``llmq:kjv`` (the King James Bible: Old Testament for evaluation, New
+Testament for calibration), both offline, see llmq/assets.py; a local UTF-8 ``.txt``, ``.jsonl`` (a ``text`` field
 per line) or ``.json`` file (the whole file, whatever the purpose); or a named Hub dataset
 (``wikitext2``, ``c4``, ``pile-val``) whose documents are joined by a blank line.
 """
@@ -41,7 +42,7 @@ DATASETS: dict[str, dict[str, tuple[tuple[str, ...], dict[str, Any]]]] = {
         "calibration": (("mit-han-lab/pile-val-backup",), {"split": "validation"}),
     },
 }
-ACCEPTED = (f"{OFFLINE_TEXT!r}, a local .txt/.jsonl/.json file, or a dataset name "
+ACCEPTED = (f"{OFFLINE_TEXT!r} or 'llmq:kjv', a local .txt/.jsonl/.json file, or a dataset name "
             f"({', '.join(DATASETS)}; needs the Hugging Face Hub)")
 # First guess of characters per token when tokenizing only a prefix (English BPE: ~4.5).
 _PREFIX_CHARS_PER_TOKEN = 6
@@ -53,10 +54,10 @@ def load_text(source: str, purpose: str = "evaluation") -> str:
     """The text of `source` for `purpose` ("calibration" or "evaluation"); see the module docstring."""
     if purpose not in PURPOSES:
         raise ConfigError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
-    if source == OFFLINE_TEXT:
+    if source.startswith("llmq:"):
         from . import assets
 
-        text = assets.wiki_text(purpose)
+        text = assets.text(source, purpose)
     elif source in DATASETS:
         text = _load_dataset(source, purpose)
     else:

