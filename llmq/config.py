@@ -99,8 +99,11 @@ class Quantization:
     method: str = "smoothquant"
     threshold: float | None = None  # None: the method's default (0 / 6.0 / 1e-6)
     skip: tuple[str, ...] = ("lm_head",)
+    max_kl: float | None = None  # keep the most sensitive linears in 16-bit until the held-out KL is <= this
 
     def __post_init__(self) -> None:
+        _check(self.max_kl is None or (math.isfinite(self.max_kl) and self.max_kl > 0),
+               f"quantization.max_kl (--max-kl) must be a positive number, got {self.max_kl}")
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.threshold is not None:
             t = float(self.threshold)

@@ -89,3 +89,57 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, load_fp: Callable[[], Any]
         log.info("guard: auto kept (held-out KL %.4g; %s)", best_kl,
                  ", ".join(f"{k} {v['kl_divergence']:.4g}" for k, v in result.candidates.items() if k != "auto"))
     return best, payload, result
+
+
+def _swap_(model, name: str, module) -> Any:
+    """Put `module` at `name` (on the model's device); return the module that was there."""
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, module.to(device))
+    return old
+
+
+def keep_sensitive_(model, held: torch.Tensor, load_fp: Callable[[], Any], q, res) -> dict[str, Any]:
+    """--max-kl: put back the float (smoothed) modules of the most sensitive int8 linears, in order of the
+    stage's measured sensitivity, until the KL to FP on the held-out windows is at most `q.max_kl`. The count
+    doubles until the target is met, then bisects down to the fewest that meet it. The kept linears join
+    `llm_int8_skip_modules`, so stock from_pretrained loads them as plain float linears. Returns the report
+    entry: target, KL before and after, the linears kept and the bytes they add over int8."""
+    ranked = sorted(res.sensitivity, key=lambda n: (-res.sensitivity[n], n))
+    fp = load_fp()
+    int8: dict[str, Any] = {}  # name -> its int8 module while the float one is in place
+
+    def kl_with(k: int, fp=fp) -> float:
+        want = set(ranked[:k])
+        for n in [n for n in int8 if n not in want]:
+            _swap_(model, n, int8.pop(n))
+        for n in [n for n in ranked[:k] if n not in int8]:
+            int8[n] = _swap_(model, n, res.originals[n])
+        return _score(model, fp, held)["kl_divergence"]
+
+    steps = {0: _score(model, fp, held)["kl_divergence"]}
+    k = 0
+    while steps[k] > q.max_kl and k < len(ranked):
+        k = min(len(ranked), max(1, 2 * k))
+        steps[k] = kl_with(k)
+    lo = max((j for j in steps if steps[j] > q.max_kl), default=0)
+    while steps[k] <= q.max_kl and k - lo > 1:  # the fewest linears that still meet the target
+        mid = (lo + k) // 2
+        steps[mid] = kl_with(mid)
+        lo, k = (mid, k) if steps[mid] > q.max_kl else (lo, mid)
+    if set(int8) != set(ranked[:k]):
+        kl_with(k)
+    del fp
+    kept = ranked[:k]
+    qc = model.config.quantization_config
+    qc["llm_int8_skip_modules"] = list(qc.get("llm_int8_skip_modules") or []) + kept
+    extra = sum(w.numel() * w.element_size() - w.numel() - 4 * w.shape[0]
+                for w in (res.originals[n].weight for n in kept))
+    met = steps[k] <= q.max_kl
+    (log.info if met else log.warning)("--max-kl %g: %d linears kept in 16-bit, held-out KL %.4g -> %.4g%s",
+                                       q.max_kl, k, steps[0], steps[k], "" if met else " (target not reached)")
+    return {"max_kl": q.max_kl, "met": met, "kl_before": steps[0], "kl_after": steps[k], "kept": kept,
+            "extra_bytes": int(extra), "steps": {str(j): v for j, v in sorted(steps.items())},
+            "sensitivity": {n: res.sensitivity[n] for n in ranked[:max(k, 10)]}}

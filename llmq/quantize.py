@@ -169,7 +169,8 @@ def bnb_quantization_config(cfg: Quantization) -> dict:
 @torch.inference_mode()
 def check_fp16_range(model, ids: torch.Tensor) -> None:
     """Run `ids` through an int8 model and fail, naming the layer, if an Int8 input leaves float16 range
-    (bitsandbytes casts activations to fp16 before quantizing; bf16 models can exceed it) or goes non-finite."""
+    (bitsandbytes casts activations to fp16 before quantizing; bf16 models can exceed it) or goes non-finite,
+    or a W8A8 output does (CUDA's int8_mm_dequant writes float16: inf on GPU although CPU computes it)."""
     import bitsandbytes as bnb
 
     _silence_bnb()
@@ -182,8 +183,16 @@ def check_fp16_range(model, ids: torch.Tensor) -> None:
                 bad.append(f"{name} (|x| max {amax.item():.4g})")
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, bnb.nn.Linear8bitLt)]
+    def out_hook(name):
+        def fn(module, args, out):
+            amax = out.detach().abs().amax()
+            if not bad and module.state.threshold == 0 and not amax <= FP16_MAX:
+                bad.append(f"the output of {name} (|y| max {amax.item():.4g})")
+        return fn
+
+    int8 = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in int8]
+    handles += [m.register_forward_hook(out_hook(n)) for n, m in int8]
     try:
         model(ids.to(next(model.parameters()).device), use_cache=False)
     finally:

@@ -21,6 +21,7 @@ from .arch import check_int8_supported, layers_path
 from .calibrate import CalibrationStats, load_act_scales, save_act_scales
 from .config import Recipe
 from .data import calibration_set, load_text
+from .errors import ConfigError
 from .layers import catch_inputs, quantize_layers_
 from .load import base_model_id, check_seq_len, load, load_config
 from .memory import PeakMemory
@@ -102,10 +103,18 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
 def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None = None,
                     scales: CalibrationStats | None = None,
                     progress: bool = True) -> tuple[Report, CalibrationStats | None]:
+    """Smooth (smoothquant only) and replace the linears with Int8 modules, in place; see `_quantize_`.
+    Returns the report's quantization fields and the calibration statistics to save (None without)."""
+    report, stats, _ = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
+    return report, stats
+
+
+def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None = None,
+               scales: CalibrationStats | None = None,
+               progress: bool = True) -> tuple[Report, CalibrationStats | None, BlockResult]:
     """Smooth (smoothquant only) and replace the linears with Int8 modules, in place. Smoothquant runs
     llmq/stage.py layer by layer on the calibration windows (llmq/layers.py, as the sequential driver does);
-    the other methods run it once on the whole model. Returns the report's quantization fields and the
-    calibration statistics to save (None without calibration)."""
+    the other methods run it once on the whole model. Also returns the stage's BlockResult."""
     q, cal = recipe.quantization, recipe.calibration
     targets = smooth_targets(model, recipe.smoothing.groups) if needs_windows(recipe) else []
     if targets and scales is None and cal.act_scales:
@@ -126,7 +135,7 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
         res = quantize_block_(model, recipe, [], qnames, ids=None,
                               check_ids=None if windows is None else windows[:1], progress=progress)
     mark_quantized_(model, q)
-    return block_report(recipe, res), saved_stats(scales, res)
+    return block_report(recipe, res), saved_stats(scales, res), res
 
 
 def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torch.Tensor | None,
@@ -139,15 +148,22 @@ def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torc
 
     from .guard import split_windows
 
-    g = recipe.smoothing.guard_windows if recipe.smoothing.alpha == "auto" else 0
+    sm = recipe.smoothing
+    g = sm.guard_windows if sm.alpha == "auto" or recipe.quantization.max_kl is not None else 0
+    if recipe.quantization.max_kl is not None and g == 0:
+        raise ConfigError("--max-kl measures KL on held-out calibration windows; set smoothing.guard_windows "
+                          "to 1 or more")
     cal = replace(recipe.calibration, samples=recipe.calibration.samples + g)
     windows, held = split_windows(calibration_set(tokenizer, cal, text), g)
     return windows, (held if g else None)
 
 
-def _guard(model, tok, recipe: Recipe, windows, held, scales, report: Report, stats):
-    """llmq/guard.py on the in-memory auto model: the winner, its report fields and statistics."""
-    from .guard import guard_
+def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
+    """The end-to-end checks of llmq/guard.py on the in-memory model `built` = (report, stats, BlockResult):
+    auto against its rivals, then --max-kl. Returns the model to ship, its report and statistics."""
+    from .guard import guard_, keep_sensitive_
+
+    report, stats, res = built
 
     def load_fp():
         return load(recipe.model, dtype=recipe.dtype, device=recipe.device,
@@ -155,16 +171,19 @@ def _guard(model, tok, recipe: Recipe, windows, held, scales, report: Report, st
 
     def build(rec: Recipe):
         m = load_fp()
-        return m, quantize_model_(m, tok, rec, windows=windows, scales=scales, progress=False)
+        return m, _quantize_(m, tok, rec, windows=windows, scales=scales, progress=False)
 
-    model, won, result = guard_(model, recipe, held, load_fp, build)
-    if won is not None:
-        alpha = report.alpha
-        report, stats = won
-        report.alpha = alpha  # as asked ("auto"); the alphas are the rival's
-    report.guard = {"chosen": result.chosen, "fell_back": result.fell_back,
-                    "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
-                    "candidates": result.candidates}
+    if recipe.smoothing.alpha == "auto" and needs_windows(recipe) and recipe.quantization.method == "smoothquant":
+        model, won, result = guard_(model, recipe, held, load_fp, build)
+        if won is not None:
+            alpha = report.alpha
+            report, stats, res = won
+            report.alpha = alpha  # as asked ("auto"); the alphas are the rival's
+        report.guard = {"chosen": result.chosen, "fell_back": result.fell_back,
+                        "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
+                        "candidates": result.candidates}
+    if recipe.quantization.max_kl is not None:
+        report.keep = keep_sensitive_(model, held, load_fp, recipe.quantization, res)
     return model, report, stats
 
 
@@ -189,10 +208,10 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         with PeakMemory(device) as pm:
-            report, stats = quantize_model_(model, tok, recipe, windows=windows, scales=inputs.scales,
-                                            progress=progress)
+            built = _quantize_(model, tok, recipe, windows=windows, scales=inputs.scales, progress=progress)
+            report, stats, _ = built
             if held is not None:
-                model, report, stats = _guard(model, tok, recipe, windows, held, inputs.scales, report, stats)
+                model, report, stats = _checked_(model, tok, recipe, windows, held, inputs.scales, built)
         stamp_(report, recipe, command)
         report.quantize = QuantizeInfo(round(time.perf_counter() - t0, 3), pm.peak_bytes, pm.baseline_bytes,
                                        pm.kind, str(device))

@@ -12,6 +12,7 @@ token windows), or the sequential driver's feed (ids select cached layer inputs)
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -35,19 +36,24 @@ class BlockResult:
     alphas: dict[str, float] = field(default_factory=dict)  # per smoothing target key
     errors: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: error per candidate alpha
     tokens: int = 0  # calibration tokens run through the block
+    # with quantization.max_kl: each converted linear's float module (smoothed, on CPU), and its relative
+    # output error ||y_int8 - y_float||^2 / ||y_float||^2 on the check window: what --max-kl reverts, in order
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
 
 
 def needs_windows(recipe: Recipe) -> bool:
     """Whether a run needs calibration text: every smoothquant run does (maxima, or at least window 0 for the
-    fp16 range check); llm-int8 and weight-only need none."""
-    return recipe.quantization.method == "smoothquant"
+    fp16 range check), and every --max-kl run (held-out windows); llm-int8 and weight-only otherwise not."""
+    return recipe.quantization.method == "smoothquant" or recipe.quantization.max_kl is not None
 
 
 def collects(recipe: Recipe, have_scales: bool) -> bool:
     """Whether the stage runs every calibration window through the float block: activation maxima for a
     fixed alpha without --act-scales, and maxima + rows for auto. Otherwise only window 0 is needed."""
     sm = recipe.smoothing
-    return needs_windows(recipe) and (sm.alpha == "auto" or (sm.alpha != 0.0 and not have_scales))
+    return recipe.quantization.method == "smoothquant" and (sm.alpha == "auto" or (sm.alpha != 0.0 and not
+                                                                                    have_scales))
 
 
 def check_scales(scales: CalibrationStats | None, targets: list[SmoothTarget], path: str | None) -> None:
@@ -95,7 +101,32 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
             res.alphas = smooth_(root, stats.act_max, sm.alpha, targets=targets)
         else:
             res.alphas = {t.key: 0.0 for t in targets}
+    if recipe.quantization.max_kl is not None:
+        res.originals = {n: copy.deepcopy(root.get_submodule(n)).cpu() for n in qnames}
     replace_linears_(root, qnames, recipe.quantization, progress=progress)
     if check_ids is not None:
         check_fp16_range(root, check_ids)
+        if res.originals:
+            res.sensitivity = sensitivity(root, check_ids, res.originals)
     return res
+
+
+@torch.inference_mode()
+def sensitivity(root: nn.Module, ids: torch.Tensor, originals: dict[str, nn.Module]) -> dict[str, float]:
+    """Per converted linear, ||y_int8 - y_float||^2 / ||y_float||^2 on the inputs it gets when `ids` run
+    through `root` (its float module from `originals` applied to the same input)."""
+    out: dict[str, float] = {}
+
+    def hook(name: str):
+        def fn(module, args, y):
+            ref = originals[name](args[0].to("cpu", originals[name].weight.dtype)).float()
+            out[name] = float((y.detach().cpu().float() - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+        return fn
+
+    handles = [root.get_submodule(n).register_forward_hook(hook(n)) for n in originals]
+    try:
+        root(ids.to(next(p.device for p in root.parameters() if p.device.type != "meta")), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out

@@ -108,3 +108,54 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path):
     assert rep.calibration.samples == 6 and rep.calibration.tokens == 6 * 32  # held-out windows not used
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Guard" in card and f"{kls['alpha 0']:.4g}" in card
+
+
+def test_max_kl_keeps_sensitive_linears_in_float_and_reloads_stock(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_quantize import RELOAD
+
+    from llmq.run import quantize_model_
+
+    fp = _fp_folder(tmp_path, "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(4000))
+    base = Recipe(model=str(fp), calibration=Calibration(source=str(text), samples=4, seq_len=32),
+                  smoothing=Smoothing(alpha=0.0, guard_windows=2), quantization=Quantization(method="smoothquant"))
+    free = run(base, tmp_path / "free", progress=False)
+    assert free.keep is None and free.guard is None
+    target = 0.5 * _held_out_kl(tmp_path / "free", fp, tmp_path / "calib.txt", base)
+    rep = run(base.override({"quantization.max_kl": target}), tmp_path / "out", progress=False)
+    keep = rep.keep
+    assert keep["met"] and keep["kl_after"] <= target < keep["kl_before"] and keep["kept"]
+    assert keep["kl_before"] == pytest.approx(2 * target, rel=1e-4)  # the same model before any is kept
+    ranked = sorted(keep["sensitivity"], key=lambda n: -keep["sensitivity"][n])
+    assert keep["kept"] == ranked[:len(keep["kept"])]  # the most sensitive first
+    assert keep["extra_bytes"] > 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert cfg["llm_int8_skip_modules"] == ["lm_head", *keep["kept"]]
+    ids = [[5, 9, 33, 7, 101, 200, 17, 3]]
+    out = tmp_path / "reload.pt"
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "out"), json.dumps(ids), str(out)], check=True)
+    got = torch.load(out)
+    from transformers import AutoModelForCausalLM
+    mine = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    kept_types = {type(mine.get_submodule(n)).__name__ for n in keep["kept"]}
+    assert kept_types == {"Linear"} and "Linear8bitLt" in got["types"]
+    assert quantize_model_  # the public API stays importable
+
+
+def _held_out_kl(folder, fp, text, recipe) -> float:
+    """KL of a saved int8 folder on the run's held-out windows (as llmq.run splits them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmq.evaluate import evaluate_ids
+    from llmq.run import calibration_split
+
+    tok = AutoTokenizer.from_pretrained(fp)
+    _, held = calibration_split(tok, recipe, None)
+    q = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ref = AutoModelForCausalLM.from_pretrained(fp).eval()
+    return evaluate_ids(q, held.reshape(-1), held.shape[1], reference=ref, progress=False).kl_divergence
