@@ -32,6 +32,7 @@ from .errors import NumericalError
 log = logging.getLogger(__name__)
 
 INV127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant constant, float32 1/127
+SWEEP_ELEMENTS = 2**24  # weight copies swept at once, over all clip factors (x ~4 float32 buffers: 256 MB)
 CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.0, 0.98, ..., 0.8
 
 
@@ -195,15 +196,20 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True,
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H, damp)
     H.diagonal()[dead[perm]] = 0  # the error metric: dead inputs cost nothing
+    out_f, grid = W.shape[0], list(clip_grid)
+    per = max(1, SWEEP_ELEMENTS // W.numel())  # grid points swept together, stacked as extra rows
     best_q, best_s, best_err = None, amax, None
-    for f in clip_grid:  # rows are independent given U: each keeps its best f (the first on ties)
-        scale = amax * f
-        Q = _sweep(W, U, scale, block)
-        err = hessian_error(W, Q * scale.view(-1, 1) * INV127, H)
-        if best_q is None:
-            best_q, best_s, best_err = Q, scale, err
-            continue
-        better = err < best_err
-        best_q = torch.where(better.view(-1, 1), Q, best_q)
-        best_s, best_err = torch.where(better, scale, best_s), torch.where(better, err, best_err)
+    for c in range(0, len(grid), per):  # rows are independent given U: each keeps its best f (first on ties)
+        fs = grid[c:c + per]
+        scales = torch.cat([amax * f for f in fs])
+        Qs = _sweep(W.repeat(len(fs), 1), U, scales, block)
+        for k in range(len(fs)):
+            Q, scale = Qs[k * out_f:(k + 1) * out_f], scales[k * out_f:(k + 1) * out_f]
+            err = hessian_error(W, Q * scale.view(-1, 1) * INV127, H)
+            if best_q is None:
+                best_q, best_s, best_err = Q, scale, err
+                continue
+            better = err < best_err
+            best_q = torch.where(better.view(-1, 1), Q, best_q)
+            best_s, best_err = torch.where(better, scale, best_s), torch.where(better, err, best_err)
     return best_q[:, torch.argsort(perm)].to(torch.int8), best_s
