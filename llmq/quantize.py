@@ -124,6 +124,28 @@ def _to_int8(module, threshold: float, name: str = "linear"):
     return new.to(w.device)  # Int8Params.to() quantizes: int8 rows + per-row scale SCB
 
 
+def int8_linear(CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None, threshold: float, *,
+                device: torch.device | str | None = None, training: bool = False):
+    """A `Linear8bitLt` holding given int8 rows CB [out, in] and float32 scales SCB [out] (weight = CB * SCB / 127,
+    e.g. from llmq/gptq.py) instead of quantizing a float weight; on `device` (default CB's), like `_to_int8`."""
+    import bitsandbytes as bnb
+
+    if CB.dtype != torch.int8 or CB.dim() != 2 or SCB.shape != (CB.shape[0],):
+        raise ValueError(f"need CB int8 [out, in] and SCB [out], got {CB.dtype} {tuple(CB.shape)} and "
+                         f"{tuple(SCB.shape)}")
+    if not torch.isfinite(SCB).all():
+        raise NumericalError("int8 row scales (SCB) hold inf/nan")
+    out_f, in_f = CB.shape
+    new = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
+                              threshold=threshold, device="meta")
+    new.weight = bnb.nn.Int8Params(CB.contiguous(), requires_grad=False, has_fp16_weights=False, CB=CB,
+                                   SCB=SCB.float().contiguous())
+    if bias is not None:
+        new.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+    new.train(training)  # see _to_int8: training mode would silently dequantize on CPU
+    return new.to(CB.device if device is None else device)
+
+
 @torch.no_grad()
 def quantize_(model, cfg: Quantization, progress: bool = True) -> list[str]:
     """Replace every nn.Linear/Conv1D outside `cfg.skip` with bnb Linear8bitLt, in place; returns the names.

@@ -1,0 +1,215 @@
+"""Error-compensated int8 weights: GPTQ (Frantar et al. 2023) in bitsandbytes' vector-wise int8 format.
+
+Format (what `Linear8bitLt` stores and stock transformers reloads): per output row r, int8 values CB[r] in
+[-127, 127] and one float32 scale SCB[r]; the weight is CB * SCB[:, None] / 127, computed exactly as
+bitsandbytes dequantizes (`dequantize`). Round-to-nearest (RTN, bitsandbytes' own) takes SCB = max|W_r|.
+
+For one linear with weight W [out, in] and H = sum_t x_t x_t^T over its calibration inputs (`Hessians`),
+GPTQ minimises ||X W^T - X Wq^T||^2 = sum_r (W_r - Wq_r) H (W_r - Wq_r)^T (`hessian_error`):
+
+1. scale: SCB[r] = f * max|W_r| (1.0 = bitsandbytes' abs-max). Given U (step 3) the rows are independent, so
+   the sweep runs once per f in `clip_grid` and each row keeps the f with its least error on that metric:
+   never worse than no clipping there. Act-order needs no care, since the scales are per row.
+2. dead inputs (H_jj = 0: x_j was 0 on every calibration token) cost nothing on the metric, so GPTQ zeroes
+   W[:, j]. Here they keep their RTN value instead: calibration proves nothing about x_j at deployment,
+   and H is made to decouple j (row and column zero, diagonal > 0), so no error flows into or out of them.
+3. act_order: columns in decreasing H_jj. Damping: H += damp * mean(live H_jj) * I (x10 per retry while
+   Cholesky fails). U = upper Cholesky factor of H^-1.
+4. sweep each column j, in blocks of `block` columns (lazy batch updates): q_j = int8 RTN of w_j at SCB;
+   e = (w_j - q_j) / U_jj; w_k -= e * U_jk for the later columns k. Finally undo the permutation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+INV127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant constant, float32 1/127
+SWEEP_ELEMENTS = 2**24  # weight copies swept at once, over all clip factors (x ~4 float32 buffers: 256 MB)
+CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.0, 0.98, ..., 0.8
+
+
+class Hessians:
+    """Running H = sum X^T X (and the row count) of the inputs of `modules`, from forward pre-hooks.
+
+    `shared` maps a module name to a key: modules with one key read the same input (q/k/v after one norm),
+    which is then accumulated once, from the first of them. Use as a context manager around the forwards;
+    hooks are removed on exit. Only [in, in] sums are kept, never activations.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], shared: Mapping[str, str] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.key = {n: (shared or {}).get(n, n) for n in modules}
+        self.owners: dict[str, tuple[str, nn.Module]] = {}
+        for n, m in modules.items():
+            self.owners.setdefault(self.key[n], (n, m))
+        self.dtype = dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._handles: list = []
+
+    def _hook(self, key: str):
+        def fn(module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            h = self.sums.get(key)
+            if h is None:
+                h = self.sums[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
+            h.addmm_(x.T, x)
+            self.rows[key] = self.rows.get(key, 0) + x.shape[0]
+        return fn
+
+    def __enter__(self) -> Hessians:
+        self._handles = [m.register_forward_pre_hook(self._hook(k)) for k, (_, m) in self.owners.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """H of module `name`'s input (shared with the other modules of its key)."""
+        key = self.key[name]
+        if key not in self.sums:
+            raise NumericalError(f"no calibration input reached {name}; the forward skips it")
+        h = self.sums[key]
+        if not torch.isfinite(h).all():
+            raise NumericalError(f"non-finite activations (inf/nan) at the input of {name} during calibration; "
+                                 "check the model's weights and dtype (try --dtype float32)")
+        return h
+
+    def count(self, name: str) -> int:
+        """Input rows (tokens) accumulated into module `name`'s H."""
+        return self.rows.get(self.key[name], 0)
+
+
+def dequantize(CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
+    """float32 CB * SCB / 127, bit for bit as bitsandbytes dequantizes."""
+    return CB.float() * SCB.float().view(-1, 1) * INV127
+
+
+def _to_int8(W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # bitsandbytes' int8_vectorwise_quant: round(A * (127 / row_stats)); zero rows give 0, not nan
+    inv = torch.where(scale > 0, 127.0 / scale, torch.zeros_like(scale))
+    return torch.round(W * inv.view(-1, 1)).clamp_(-127, 127)
+
+
+def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+    """Per row r: (W_r - Wq_r) H (W_r - Wq_r)^T (plain squared error with H None); float32 [out]."""
+    E = W.float() - Wq.float()
+    return (E * E).sum(1) if H is None else ((E @ H.float()) * E).sum(1)
+
+
+def choose_scale(W: torch.Tensor, H: torch.Tensor | None = None,
+                 clip_grid: Sequence[float] = CLIP_GRID) -> torch.Tensor:
+    """Per-row SCB = f * max|W_r|, f from `clip_grid` minimising the row's RTN `hessian_error` (first wins ties)."""
+    W = W.float()
+    amax = W.abs().amax(1)
+    best, best_err = amax.clone(), None
+    for f in clip_grid:
+        scale = amax * f
+        err = hessian_error(W, _to_int8(W, scale) * scale.view(-1, 1) * INV127, H)
+        if best_err is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
+def rtn_weight(W: torch.Tensor, H: torch.Tensor | None = None, *, clip: bool = False,
+               clip_grid: Sequence[float] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest (CB int8, SCB float32) through float16 as bitsandbytes does: without `clip`, bit for
+    bit `Int8Params`; with it, the row scales of `choose_scale` (on H, or plain MSE without H)."""
+    A = W.detach().to(torch.float16).float()
+    scale = choose_scale(A, H, clip_grid) if clip else A.abs().amax(1)
+    return _to_int8(A, scale).to(torch.int8), scale
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of (H + d I)^-1, float32; d = damp * mean(diag H), x10 per failed try."""
+    H = H.double()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    base = float(H.diagonal().mean())
+    d = damp * base
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + d * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U.float()
+        log.warning("GPTQ: Hessian not positive definite with damping %.3g; retrying with more", d)
+        d = max(10 * d, 1e-6 * base)
+    raise NumericalError(f"GPTQ: the Hessian stays singular after {tries} dampings (last {d:.3g}); "
+                         "calibrate on more tokens or use round-to-nearest")
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """The GPTQ column sweep of (permuted) W at fixed row scales -> int8 values as float32 [out, in]."""
+    W = W.clone()
+    s = scale.view(-1, 1)
+    inv = torch.where(s > 0, 127.0 / s, torch.zeros_like(s))
+    Q = torch.zeros_like(W)
+    n_in = W.shape[1]
+    for i1 in range(0, n_in, block):
+        i2 = min(i1 + block, n_in)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            w = W1[:, j:j + 1]
+            q = torch.round(w * inv).clamp_(-127, 127)
+            Q[:, i1 + j:i1 + j + 1] = q
+            e = (w - q * s * INV127) / U1[j, j]
+            W1[:, j:] -= e @ U1[j:j + 1, j:]
+            Err[:, j:j + 1] = e
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    return Q
+
+
+@torch.no_grad()
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True, damp: float = 0.01,
+                    block: int = 128, clip_grid: Sequence[float] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ for W [out, in] given its input's H [in, in] -> (CB int8 [out, in], SCB float32 [out]).
+
+    See the module docstring; `clip_grid=(1.0,)` keeps bitsandbytes' abs-max scales. Deterministic."""
+    W = W.detach().float().clone()
+    H = H.detach().to(W.device).float().clone()
+    n_in = W.shape[1]
+    if H.shape != (n_in, n_in):
+        raise ValueError(f"H must be [{n_in}, {n_in}] for a weight of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+    amax = W.abs().amax(1)
+    dead = H.diagonal() <= 0
+    if bool(dead.all()):
+        return _to_int8(W, amax).to(torch.int8), amax
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H.diagonal()[dead] = H.diagonal()[~dead].mean()
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(n_in)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H, damp)
+    H.diagonal()[dead[perm]] = 0  # the error metric: dead inputs cost nothing
+    out_f, grid = W.shape[0], list(clip_grid)
+    per = max(1, SWEEP_ELEMENTS // W.numel())  # grid points swept together, stacked as extra rows
+    best_q, best_s, best_err = None, amax, None
+    for c in range(0, len(grid), per):  # rows are independent given U: each keeps its best f (first on ties)
+        fs = grid[c:c + per]
+        scales = torch.cat([amax * f for f in fs])
+        Qs = _sweep(W.repeat(len(fs), 1), U, scales, block)
+        for k in range(len(fs)):
+            Q, scale = Qs[k * out_f:(k + 1) * out_f], scales[k * out_f:(k + 1) * out_f]
+            err = hessian_error(W, Q * scale.view(-1, 1) * INV127, H)
+            if best_q is None:
+                best_q, best_s, best_err = Q, scale, err
+                continue
+            better = err < best_err
+            best_q = torch.where(better.view(-1, 1), Q, best_q)
+            best_s, best_err = torch.where(better, scale, best_s), torch.where(better, err, best_err)
+    return best_q[:, torch.argsort(perm)].to(torch.int8), best_s

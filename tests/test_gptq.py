@@ -1,0 +1,147 @@
+"""GPTQ int8 weights (llmq/gptq.py) and Linear8bitLt modules built from them (llmq.quantize.int8_linear)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from test_quantize import RELOAD
+
+from llmq.gptq import CLIP_GRID, Hessians, dequantize, hessian_error, quantize_weight, rtn_weight
+from llmq.quantize import int8_linear
+
+
+def _data(n=2048, d_in=96, d_out=48, seed=0, outliers=(5, 40)):
+    """Correlated inputs (low-rank mix + noise) with a few large channels, as LLM activations have."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g) @ torch.randn(8, d_in, generator=g) + 0.3 * torch.randn(n, d_in, generator=g)
+    X[:, list(outliers)] *= 20.0
+    W = torch.randn(d_out, d_in, generator=g) * 0.05
+    return X, W
+
+
+def _out_err(X, W, CB, SCB):
+    return float((X @ W.T - X @ dequantize(CB, SCB).T).norm())
+
+
+def test_hessians_accumulate_once_per_shared_input():
+    lin = {n: torch.nn.Linear(16, 4) for n in ("q", "k", "v", "o")}
+    X = torch.randn(3, 5, 16)
+    with Hessians(lin, shared={"q": "attn", "k": "attn", "v": "attn"}) as hs:
+        for n in ("q", "k", "v", "o"):
+            lin[n](X)
+    lin["o"](X)  # after exit: hooks gone
+    flat = X.reshape(-1, 16)
+    assert torch.allclose(hs["k"], flat.T @ flat, rtol=1e-5, atol=1e-5)
+    assert hs["q"] is hs["v"] and sorted(hs.sums) == ["attn", "o"]
+    assert hs.count("v") == hs.count("o") == 15
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    X, W = _data()
+    H = X.T @ X
+    rtn = _out_err(X, W, *rtn_weight(W))
+    for act_order in (True, False):
+        gptq = _out_err(X, W, *quantize_weight(W, H, act_order=act_order))
+        assert gptq < rtn / 2, (act_order, gptq, rtn)
+
+
+def test_rtn_is_bitsandbytes_bit_for_bit():
+    import bitsandbytes as bnb
+
+    W = torch.randn(64, 200, generator=torch.Generator().manual_seed(3)) * 0.1
+    W[3, 7] = 9.0
+    p = bnb.nn.Int8Params(W.half(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    CB, SCB = rtn_weight(W)
+    assert CB.dtype == torch.int8 and SCB.dtype == torch.float32
+    assert torch.equal(CB, p.CB) and torch.equal(SCB, p.SCB)
+    assert torch.equal(dequantize(CB, SCB), bnb.functional.int8_vectorwise_dequant(p.CB, p.SCB))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clipping_never_increases_hessian_error(seed):
+    X, W = _data(seed=seed)
+    W[:, 3] *= 30.0  # a heavy-tailed weight column on a quiet input: worth clipping
+    H = X.T @ X
+    plain = hessian_error(W, dequantize(*rtn_weight(W)), H)
+    clipped = hessian_error(W, dequantize(*rtn_weight(W, H, clip=True)), H)
+    assert (clipped <= plain).all() and (clipped < plain).any()
+    assert torch.equal(rtn_weight(W, H, clip=True, clip_grid=(1.0,))[0], rtn_weight(W)[0])
+    plain = hessian_error(W, dequantize(*quantize_weight(W, H, clip_grid=(1.0,))), H)
+    clipped = hessian_error(W, dequantize(*quantize_weight(W, H)), H)
+    assert (clipped <= plain * (1 + 1e-5)).all() and (clipped < plain).any()
+
+
+def test_dead_input_channels_keep_their_rtn_value_and_pass_no_error():
+    X, W = _data()
+    dead = [2, 50]
+    X[:, dead] = 0.0
+    H = X.T @ X
+    W[:, dead] = 0.001  # below every row's max: the scales do not depend on them
+    CB, SCB = quantize_weight(W, H)
+    assert torch.equal(CB[:, dead], torch.round(W[:, dead] * (127.0 / SCB[:, None])).to(torch.int8))  # not zeroed
+    W2 = W.clone()
+    W2[:, dead] = -0.002
+    CB2, SCB2 = quantize_weight(W2, H)
+    live = [j for j in range(W.shape[1]) if j not in dead]
+    assert torch.equal(SCB, SCB2) and torch.equal(CB[:, live], CB2[:, live])  # no error flows out of them
+    assert _out_err(X, W, CB, SCB) < _out_err(X, W, *rtn_weight(W))
+
+
+def test_gptq_is_deterministic_and_survives_singular_hessians():
+    X, W = _data(n=16)  # 16 rows for 96 inputs: H is rank-deficient, needs the damping
+    H = X.T @ X
+    a, b = quantize_weight(W, H), quantize_weight(W, H)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert _out_err(X, W, *a) < _out_err(X, W, *rtn_weight(W))
+    undamped = quantize_weight(W, H, damp=0.0)  # singular: Cholesky fails, the retry adds damping
+    assert _out_err(X, W, *undamped) < _out_err(X, W, *rtn_weight(W))
+    CB, SCB = quantize_weight(W, torch.zeros(96, 96))  # nothing calibrated: plain RTN in float32
+    assert torch.equal(SCB, W.abs().amax(1))
+    assert torch.equal(CB, torch.round(W * (127.0 / SCB[:, None])).to(torch.int8))
+
+
+def test_int8_linear_computes_with_the_dequantized_weight():
+    X, W = _data(n=64)
+    CB, SCB = quantize_weight(W, X.T @ X)
+    bias = torch.randn(W.shape[0])
+    m = int8_linear(CB, SCB, bias, threshold=1e-6)  # weight-only W8A16
+    assert not m.training and m.weight.dtype == torch.int8
+    with torch.no_grad():
+        got = m(X)
+    ref = torch.nn.functional.linear(X, dequantize(CB, SCB), bias)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4), (got - ref).abs().max()
+
+
+def test_gptq_checkpoint_reloads_with_stock_transformers(tmp_path):
+    import json
+
+    from llmq.config import Quantization
+    from llmq.quantize import bnb_quantization_config, linear_names
+    from llmq.save import save_checkpoint
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    cfg = Quantization(method="weight-only")
+    names = linear_names(model, cfg.skip)
+    ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    with Hessians({n: model.get_submodule(n) for n in names}) as hs, torch.no_grad():
+        model(ids)
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        old = model.get_submodule(n)
+        CB, SCB = quantize_weight(old.weight, hs[n])
+        setattr(model.get_submodule(parent), child, int8_linear(CB, SCB, old.bias, cfg.effective_threshold))
+    model.config.quantization_config = bnb_quantization_config(cfg)
+    save_checkpoint(model, tok, tmp_path / "q")
+    probe = [[5, 9, 33, 7, 101, 200, 17, 3]]
+    with torch.no_grad():
+        ours = model(torch.tensor(probe)).logits
+    out = tmp_path / "reload.pt"
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "q"), json.dumps(probe), str(out)], check=True)
+    got = torch.load(out)
+    assert torch.equal(got["logits"], ours), (got["logits"] - ours).abs().max()
+
+
+def test_clip_grid_starts_at_no_clipping():
+    assert CLIP_GRID[0] == 1.0 and min(CLIP_GRID) == 0.8
