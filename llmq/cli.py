@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns on CPU that its optional 4-bit kernels are missing; llmq never uses 4-bit
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # and on every int8 forward that non-float16 inputs are cast to float16: the documented W8A8 path
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -173,6 +173,9 @@ def compare_decode(models: Mapping[str, torch.nn.Module], ids: torch.Tensor, cfg
 
     if not models:
         raise ConfigError("compare_decode needs at least one model")
+    # bitsandbytes warns on every int8 forward that non-float16 inputs are cast to float16 (the documented
+    # W8A8 path): thousands of lines per generate(), and their printing would be timed too
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     names = list(models)
     for name in names:
         if models[name].training:
