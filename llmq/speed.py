@@ -94,6 +94,14 @@ def int8_method(model: torch.nn.Module) -> str | None:
     return "smoothquant" if t == 0 else ("weight-only" if t <= 1e-3 else "llm-int8")
 
 
+def _check_length(models: Any, cfg: Decode) -> None:
+    from .load import check_seq_len
+
+    for m in models:
+        check_seq_len(m, cfg.prompt_tokens + cfg.new_tokens, "decode prompt + new tokens (--decode-prompt-tokens "
+                      "+ --decode-new-tokens)")
+
+
 def prompt_ids(tokenizer: Any, cfg: Decode) -> torch.Tensor:
     """The first `cfg.prompt_tokens` tokens of `cfg.data`; DataError if the text is shorter."""
     from .data import load_text, tokenize
@@ -128,10 +136,8 @@ def _timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) 
 
     clock = Clock()
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    pad = getattr(gen, "pad_token_id", None)
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) and eos else eos
+    eos, pad = getattr(gen, "eos_token_id", None), getattr(gen, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) and eos else eos)
     cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            use_cache=True, eos_token_id=eos, pad_token_id=pad)
     x = ids.reshape(1, -1).to(device)
@@ -145,8 +151,7 @@ def _timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) 
         raise RuntimeError(f"generate() produced {len(new)} tokens and {len(clock.stamps) - 1} streamer calls, "
                            f"expected {new_tokens}: this transformers version streams differently")
     s = clock.stamps
-    return {"prefill_s": s[1] - s[0], "decode_s_per_token": (s[-1] - s[1]) / (new_tokens - 1),
-            "generate_s": total}, new
+    return {"prefill_s": s[1] - s[0], "decode_s_per_token": (s[-1] - s[1]) / (new_tokens - 1), "generate_s": total}, new
 
 
 def _dtype_name(model: torch.nn.Module) -> str:
@@ -171,6 +176,8 @@ def compare_decode(models: Mapping[str, torch.nn.Module], ids: torch.Tensor, cfg
     Each result's `ratios[name]` is its decode tokens/s over model `name`'s: the median of per-round ratios."""
     from tqdm.auto import tqdm
 
+    from .evaluate import input_device
+
     if not models:
         raise ConfigError("compare_decode needs at least one model")
     # bitsandbytes warns on every int8 forward that non-float16 inputs are cast to float16 (the documented
@@ -185,8 +192,6 @@ def compare_decode(models: Mapping[str, torch.nn.Module], ids: torch.Tensor, cfg
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     tokens: dict[str, list[list[int]]] = {n: [] for n in names}
     peaks: dict[str, list[PeakMemory]] = {n: [] for n in names}
-    from .evaluate import input_device
-
     for r in tqdm(range(cfg.repeats), desc="decode", unit="round", disable=not progress):
         for name in names if r % 2 == 0 else names[::-1]:
             with PeakMemory(input_device(models[name])) as pm:
@@ -218,6 +223,7 @@ def compare_decode(models: Mapping[str, torch.nn.Module], ids: torch.Tensor, cfg
 def decode_speed(model: torch.nn.Module, tokenizer: Any, cfg: Decode = Decode(), *,
                  progress: bool = False) -> DecodeResult:
     """Decode speed of one model on the first `cfg.prompt_tokens` tokens of `cfg.data`."""
+    _check_length([model], cfg)
     return compare_decode({"model": model}, prompt_ids(tokenizer, cfg), cfg, data=cfg.data,
                           progress=progress)["model"]
 
@@ -228,6 +234,7 @@ def decode_report(model: torch.nn.Module, tokenizer: Any, cfg: Decode = Decode()
     """`llmq eval --decode`: the model (and the reference, interleaved) -> ({"model", "reference"}: results,
     the plain sentence of `speed_caveat` when int8 decodes slower than the reference, or is known to)."""
     models = {"model": model, **({"reference": reference} if reference is not None else {})}
+    _check_length(models.values(), cfg)
     res = compare_decode(models, prompt_ids(tokenizer, cfg), cfg, data=cfg.data, progress=progress)
     r = res["model"]
     versus = f"the reference ({res['reference'].dtype})" if reference is not None else "16-bit"

@@ -118,15 +118,21 @@ def drive(cfg, args: argparse.Namespace, model_id: str, command: str) -> dict[st
             tail = "" if args.verbose else "\n".join(logf.read_text().splitlines()[-15:])
             raise SystemExit(f"row {row['name']} failed (exit {rc}); log {logf}:\n{tail}")
         print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return collect(cfg, work)
+    return collect(cfg, work, model_id)
 
 
-def collect(cfg, work: Path) -> dict[str, Any]:
-    """Every row result present in the work folder, in config order (the report shows what was measured)."""
+def collect(cfg, work: Path, model_id: str) -> dict[str, Any]:
+    """Every row in the work folder measured with the current settings, in config order; rows measured with
+    other settings are left out of the report (and named), never mixed in."""
     from bench_config import row_list
 
-    return {r["name"]: json.loads((work / f"{r['name']}.json").read_text()) for r in row_list(cfg)
-            if (work / f"{r['name']}.json").is_file()}
+    rows = [r for r in row_list(cfg) if (work / f"{r['name']}.json").is_file()]
+    fresh = {r["name"]: _fresh(work, cfg, model_id, r) for r in rows}
+    stale = [n for n, v in fresh.items() if v is None]
+    if stale:
+        print(f"left out of the report (measured with other settings; rerun them or give the same flags): "
+              f"{', '.join(stale)}", flush=True)
+    return {n: v for n, v in fresh.items() if v is not None}
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     for model_id in models:
         work = Path(args.work_dir) / slug(model_id)
         if args.report_only:
-            results = collect(cfg, work)
+            results = collect(cfg, work, model_id)
             ran = (work / "command.txt").read_text().strip() if (work / "command.txt").is_file() else command
         else:
             results, ran = drive(cfg, args, model_id, command), command

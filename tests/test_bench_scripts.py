@@ -83,6 +83,16 @@ def test_plan_runs_the_source_of_a_decode_row(tmp_path: Path) -> None:
         ("weight-only", True), ("decode-weight-only", True)]
 
 
+def test_report_takes_only_rows_measured_with_the_current_settings(tmp_path: Path) -> None:
+    import benchmark
+
+    cfg = bc.load_config(REPO / "configs/bench.yaml")
+    fp32, half = bc.row_list(cfg)[:2]
+    (tmp_path / "fp32.json").write_text(json.dumps({"settings_key": bc.settings_key(cfg, "m", fp32)}))
+    (tmp_path / "half.json").write_text(json.dumps({"settings_key": "measured-otherwise"}))
+    assert list(benchmark.collect(cfg, tmp_path, "m")) == ["fp32"]
+
+
 def test_calibration_windows_are_the_librarys(tmp_path: Path) -> None:
     from bench_api import calibration_windows
 

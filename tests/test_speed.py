@@ -133,6 +133,8 @@ def test_prompt_from_text_and_too_short_text(tmp_path: Path) -> None:
         prompt_ids(tok, Decode(data=str(f), prompt_tokens=80))
     r = decode_speed(tiny_llama(), tok, Decode(data=str(f), prompt_tokens=16, new_tokens=3, repeats=1, warmup=0))
     assert r.data == str(f) and len(r.generated) == 3
+    with pytest.raises(ConfigError, match="max_position_embeddings"):  # tiny_llama has 256 positions
+        decode_speed(tiny_llama(), tok, Decode(data=str(f), prompt_tokens=16, new_tokens=250))
 
 
 def test_caveats_say_slower_plainly() -> None:
