@@ -93,7 +93,7 @@ def test_evaluate_reports_overflow_as_a_numerical_error() -> None:
     assert torch.isfinite(torch.tensor(r.perplexity))
 
 
-def _gemma_fp16():
+def _gemma():
     from transformers import AutoModelForCausalLM, GemmaConfig
 
     cfg = GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -114,7 +114,7 @@ def test_gemma_norm_smoothing_in_float16_keeps_each_channel(alpha: float, outlie
     keeps 0.05%); and the smoothed float16 model's logits must stay as close to float32's as before."""
     from llmq.smooth import act_max, smooth_, smooth_targets, smoothing_scales, weight_max
 
-    fp32 = _gemma_fp16().cuda()
+    fp32 = _gemma().cuda()
     m = copy.deepcopy(fp32).half()
     g = torch.Generator().manual_seed(1)
     acts = {}
