@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def slug(model: str) -> str:
@@ -180,6 +178,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]  # the bench_* modules; llmq uninstalled
     from bench_config import load_config, row_list
 
     from llmq.errors import LlmqError
