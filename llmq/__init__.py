@@ -5,6 +5,7 @@ bitsandbytes, and the evidence of what it cost.
     model, tok = llmq.load("llmq:smollm2")
     report, stats = llmq.quantize_model_(model, tok, llmq.Recipe())   # calibrate -> smooth_ -> quantize_
     llmq.evaluate(model, tok, llmq.Evaluation())
+    llmq.decode_speed(model, tok, llmq.Decode())                      # generation tokens/s, KV cache, batch 1
 
 The public names are imported lazily, so `import llmq` and `llmq --help` stay fast.
 """
@@ -24,6 +25,7 @@ _EXPORTS = {
     "load": "load", "calibrate": "calibrate", "smooth_": "smooth", "quantize_": "quantize",
     "quantize_model_": "run", "run": "run", "save_checkpoint": "save",
     "evaluate": "evaluate", "push": "hub", "write_card": "hub",
+    "Decode": "speed", "decode_speed": "speed", "compare_decode": "speed",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
     e.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GiB or 0=20GiB,cpu=64GiB")
     e.add_argument("--offload-folder", default=None, help="disk offload folder for --device-map auto")
+    e.add_argument("--decode", action="store_true",
+                   help="also time generation at batch 1 with a KV cache (prefill and decode tokens/s; with "
+                        "--reference, both models interleaved and their ratio)")
+    e.add_argument("--decode-prompt-tokens", type=int, default=512, help="prompt length for --decode")
+    e.add_argument("--decode-new-tokens", type=int, default=128, help="tokens generated per --decode run")
+    e.add_argument("--decode-repeats", type=int, default=5, help="timed --decode runs (median), after 1 warm-up")
     _model_args(e)
 
     q = sub.add_parser("quantize", help="calibrate, smooth and convert to bitsandbytes INT8; save a checkpoint")
@@ -158,6 +164,11 @@ def cmd_eval(a) -> int:
     from .save import check_output_file
 
     cfg = Evaluation(data=a.data, seq_len=a.seq_len, max_tokens=a.max_tokens or None, bos=a.bos)
+    if a.decode:
+        from .speed import Decode
+
+        dcfg = Decode(data=a.data, prompt_tokens=a.decode_prompt_tokens, new_tokens=a.decode_new_tokens,
+                      repeats=a.decode_repeats)
     if a.json_path:
         check_output_file(a.json_path)
     load_text(cfg.data, "evaluation")  # bad data fails before loading models
@@ -173,10 +184,21 @@ def cmd_eval(a) -> int:
     results["model"] = evaluate(model, tok, cfg, reference=ref, reference_name=a.reference, progress=a.progress)
     print(format_table(results))
     print(results["model"].protocol)
+    data = results["model"].to_dict()
+    if ref is not None:
+        data["reference_result"] = results["reference"].to_dict()
+    if a.decode:
+        from .speed import decode_report, format_decode
+
+        dref = ref if ref is not None or not a.reference else load(a.reference, **kw)[0]
+        dec, note = decode_report(model, tok, dcfg, reference=dref, progress=a.progress)
+        print(format_decode(dec))
+        print(dec["model"].protocol)
+        if note:
+            print(f"note: {note}")
+        data["decode"] = {k: v.to_dict() for k, v in dec.items()}
+        data["decode_note"] = note
     if a.json_path:
-        data = results["model"].to_dict()
-        if ref is not None:
-            data["reference_result"] = results["reference"].to_dict()
         Path(a.json_path).write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
@@ -256,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns on CPU that its optional 4-bit kernels are missing; llmq never uses 4-bit
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # and on every int8 forward that non-float16 inputs are cast to float16: the documented W8A8 path
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _on_sigterm)

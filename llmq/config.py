@@ -286,3 +286,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Any frozen config dataclass (nested dataclasses, tuples) from a mapping, validated as a Recipe is:
+    unknown keys and wrong types are ConfigErrors naming `where`. scripts/bench_config.py uses it."""
+    return _build(cls, data, where)

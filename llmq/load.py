@@ -145,11 +145,25 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
             del m.config.quantization_config
     if device_map is None and dev.type == "cpu":
         m.to(dev)
+    if qc and kind != "gguf":
+        cast_float_params_(m, torch_dtype)
     m.eval()
     m.config.use_cache = False
     m.config._name_or_path = model if kind == "hub" else m.config._name_or_path
     log.info("loaded %s (%s, %s) on %s", model, config.model_type, torch_dtype, dev)
     return m, tok
+
+
+@torch.no_grad()
+def cast_float_params_(model, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters (not int8 weights, not buffers) to `dtype`, in place.
+
+    A bitsandbytes int8 checkpoint keeps its other tensors in the dtype it was saved in: transformers (5.x)
+    loads them so whatever `dtype` is asked, and refuses `model.to(dtype)`. For a float model, this cast gives
+    exactly what `from_pretrained(dtype=...)` gives (buffers such as RoPE's inv_freq stay float32 there too)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def check_seq_len(model, seq_len: int, what: str) -> None:

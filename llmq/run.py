@@ -187,6 +187,18 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
     return model, report, stats
 
 
+def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = None,
+                      scales: CalibrationStats | None = None, progress: bool = True):
+    """What `llmq quantize` does to the in-memory model: calibrate on `calibration.samples` windows, quantize
+    in place, then the end-to-end checks on held-out windows (the guard of auto alpha, --max-kl). Returns
+    (the model to ship: `model` or a rival the guard chose, its report fields, its statistics to save)."""
+    windows, held = calibration_split(tokenizer, recipe, text)
+    built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
+    if held is None:
+        return model, built[0], built[1]
+    return _checked_(model, tokenizer, recipe, windows, held, scales, built)
+
+
 def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: bool = False,
         command: str = "", progress: bool = True) -> Report:
     """Quantize `recipe.model` into the folder `out` (atomically); optionally evaluate FP vs INT8 there.
@@ -203,15 +215,12 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
         check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
     if evaluate:
         check_seq_len(model, recipe.evaluation.seq_len + recipe.evaluation.bos, "evaluation.seq_len")
-    windows, held = calibration_split(tok, recipe, inputs.cal_text)
     with atomic_dir(inputs.dest, overwrite) as tmp:
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         with PeakMemory(device) as pm:
-            built = _quantize_(model, tok, recipe, windows=windows, scales=inputs.scales, progress=progress)
-            report, stats, _ = built
-            if held is not None:
-                model, report, stats = _checked_(model, tok, recipe, windows, held, inputs.scales, built)
+            model, report, stats = quantize_checked_(model, tok, recipe, text=inputs.cal_text,
+                                                     scales=inputs.scales, progress=progress)
         stamp_(report, recipe, command)
         report.quantize = QuantizeInfo(round(time.perf_counter() - t0, 3), pm.peak_bytes, pm.baseline_bytes,
                                        pm.kind, str(device))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
 from pathlib import Path
 from typing import Any
+
+import bench_decode
+from bench_plots import _mode_words
 
 MIB = 1024 * 1024
 PER_TENSOR = ("tensor", "static")
@@ -56,7 +60,7 @@ def main_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     fp_ppl = _get(fp, "eval", "perplexity")
     out = []
     for name, r in results.items():
-        if r["kind"] == "sim":
+        if r["kind"] in ("sim", "decode"):
             continue
         if r.get("skipped"):
             out.append({"row": name, "skipped": r["skipped"]})
@@ -80,6 +84,51 @@ def main_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "load": r.get("loadavg_1min", [0.0, 0.0]),
         })
     return out
+
+
+def fidelity_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per row and evaluation text: KL, top-1 and perplexity / FP32 over the calibration seeds measured."""
+    def entries(r: dict[str, Any]) -> list[dict[str, Any]]:
+        return r.get("quality") or ([r["eval"]] if r.get("eval") else [])
+
+    fp_ppl = {e.get("data"): e["perplexity"] for e in entries(results.get("fp32", {}))}
+    out = []
+    for name, r in results.items():
+        if r["kind"] in ("sim", "decode") or r.get("skipped"):
+            continue
+        by: dict[str, list[dict[str, Any]]] = {}
+        for e in entries(r):
+            by.setdefault(e.get("data"), []).append(e)
+        for data, es in by.items():
+            out.append({"row": name, "data": data, "seeds": [e.get("seed") for e in es],
+                        "kl": [e["kl_divergence"] for e in es if e.get("kl_divergence") is not None],
+                        "top1": [e["top1_agreement"] for e in es if e.get("top1_agreement") is not None],
+                        "ppl_ratio": [x for x in (_ratio(e["perplexity"], fp_ppl.get(data)) for e in es)
+                                      if x is not None], "tokens": es[0]["tokens"]})
+    return out
+
+
+def _spread(v: list[float], spec: str) -> str:
+    if not v:
+        return "ref"
+    if len(v) == 1:
+        return format(v[0], spec)
+    return f"{format(statistics.mean(v), spec)} ({format(min(v), spec)} to {format(max(v), spec)})"
+
+
+def fidelity_markdown(fid: list[dict[str, Any]]) -> list[str]:
+    """Shown when there is more than one text or seed: mean (min to max) over calibration seeds."""
+    if len({f["data"] for f in fid}) < 2 and all(len(f["seeds"]) < 2 for f in fid):
+        return []
+    lines = ["#### Fidelity by evaluation text and calibration seed", "",
+             "Mean (min to max) over the calibration seeds each row was quantized with (rows that do not "
+             "calibrate have one); every text scored with the protocol above, against FP32 on the same windows.",
+             "", "| row | text | scored tokens | seeds | KL vs FP32 | top-1 vs FP32 | perplexity / FP32 |",
+             "|---|---|---|---|---|---|---|"]
+    for f in fid:
+        lines.append(f"| {f['row']} | {f['data']} | {f['tokens']} | {', '.join(map(str, f['seeds']))} | "
+                     f"{_spread(f['kl'], '.2e')} | {_spread(f['top1'], '.2%')} | {_spread(f['ppl_ratio'], '.4f')} |")
+    return lines + [""]
 
 
 def sim_table(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -164,8 +213,10 @@ def markdown(s: dict[str, Any]) -> str:
              f"Command: `{s['command']}` (report only: add `--report-only`).", "",
              f"Perplexity protocol: {s['protocol']}", "",
              f"Calibration (every calibrating row, recipes' own calibration replaced): {s['calibration']}.", "",
-             "#### Quality and size", "",
-             "| row | what | perplexity | / FP32 | KL vs FP32 | top-1 vs FP32 | checkpoint MiB | / fp16 | "
+             "#### Fidelity and size", "",
+             "KL(P_FP32 || P_row) and top-1 agreement with FP32 are the headline (they compare each token's whole "
+             "distribution with the FP32 model's); perplexity beside them.", "",
+             "| row | what | KL vs FP32 | top-1 vs FP32 | perplexity | / FP32 | checkpoint MiB | / fp16 | "
              "B per int8 weight | weights in RAM MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -173,11 +224,11 @@ def markdown(s: dict[str, Any]) -> str:
             lines.append(f"| {r['row']} | skipped: {r['skipped']} |" + " - |" * 8)
             continue
         lines.append(
-            f"| {r['row']} | {r['what']} | {r['perplexity']:.4f} | {_fmt(r['perplexity_ratio'], '.4f')} | "
-            f"{_fmt(r['kl'], '.2e', 'ref')} | {_fmt(r['top1'], '.2%', 'ref')} | {r['checkpoint_bytes'] / MIB:.1f} | "
+            f"| {r['row']} | {r['what']} | {_fmt(r['kl'], '.2e', 'ref')} | {_fmt(r['top1'], '.2%', 'ref')} | "
+            f"{r['perplexity']:.4f} | {_fmt(r['perplexity_ratio'], '.4f')} | {r['checkpoint_bytes'] / MIB:.1f} | "
             f"{_fmt(r['checkpoint_ratio_fp16'], '.3f')} | {_fmt(r['bytes_per_int8_weight'], '.4f')} | "
             f"{r['weight_memory_bytes'] / MIB:.1f} |")
-    lines += ["", "#### Cost and speed", "",
+    lines += ["", *fidelity_markdown(s["fidelity"]), "#### Cost and speed", "",
               "| row | quantize s | / FP forward over calib tokens | quantize peak MiB above start | "
               "eval tok/s (full run) | tok/s / FP32 (same process) | evaluator / bare loop | load |",
               "|---|---|---|---|---|---|---|---|"]
@@ -208,15 +259,17 @@ def markdown(s: dict[str, Any]) -> str:
               "(llmq/evaluate.py); with its log-softmax, NLL and bookkeeping included the evaluator reaches "
               f"{_fmt(_median_of(rows, 'evaluator_wall_over_bare'), '.3f')} of the bare loop (median over rows).",
               ""]
+    lines += bench_decode.markdown(s["decode"], s["plots"].get("decode"))
     if sim:
         lines += _sim_markdown(sim)
-    lines += ["#### Targets (issue 5)", "", "| measure | target | measured | verdict | margin |",
+    lines += ["#### Targets (issues 5 and 12)", "", "| measure | target | measured | verdict | margin |",
               "|---|---|---|---|---|"]
     for t in s["targets"]:
         lines.append(f"| {t['measure']} | {t['target']} | {t['value']} | {_verdict(t['met'])} | {t['by'] or '-'} |")
-    lines += ["", f"![perplexity vs alpha]({s['plots']['alpha']})", "",
-              f"![memory vs perplexity]({s['plots']['memory']})", ""]
-    return "\n".join(lines)
+    for key, alt in (("alpha", "perplexity vs alpha"), ("memory", "memory vs perplexity")):
+        if key in s["plots"]:
+            lines += ["", f"![{alt}]({s['plots'][key]})"]
+    return "\n".join([*lines, ""])
 
 
 def _median_of(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -249,74 +302,6 @@ def _sim_markdown(sim: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _mode_words(d: dict[str, Any]) -> str:
-    act = {"token": "per-token dynamic", "tensor": "per-tensor dynamic", "static": "per-tensor static"}[d["act"]]
-    return f"{act} act, per-{d['weight']} weights"
-
-
-def plot_alpha(sim: dict[str, Any], path: Path, title: str) -> None:
-    """Left: every point, log scale; right: the region within 1.5x FP32, linear."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    fp = next(iter(sim.values()))["fp_perplexity"]
-    for ax in axes:
-        for i, (m, d) in enumerate(sim.items()):
-            c = f"C{i}"
-            pts = [(float(k), p["perplexity"]) for k, p in d["points"].items() if k != "auto"]
-            ax.plot(*zip(*pts, strict=True), "o-", color=c, ms=3, label=f"{m} ({_mode_words(d)})")
-            ax.axhline(d["points"]["0.0"]["perplexity"], color=c, ls="--", lw=0.8)
-            if "auto" in d["points"]:
-                a = d["points"]["auto"]
-                ax.plot(a["mean_alpha"], a["perplexity"], "*", color=c, ms=13, mec="k")
-        ax.axhline(fp, color="k", ls=":", lw=1.2, label=f"FP32 {fp:.2f}")
-        ax.set_xlabel("alpha (the same on every smoothing group)")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].plot([], [], "k--", lw=0.8, label="naive (alpha 0), per mode")
-    axes[0].plot([], [], "*", color="gray", mec="k", ms=11, ls="", label="per-group auto alpha (at its mean)")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("perplexity (log scale)")
-    axes[0].set_title("all points", fontsize=10)
-    axes[0].legend(fontsize=7)
-    axes[1].set_ylim(fp * 0.98, fp * 1.5)
-    axes[1].set_ylabel("perplexity")
-    axes[1].set_title("zoom: up to 1.5x FP32", fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_memory(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    labels: dict[tuple[float, float], list[str]] = {}
-    for i, r in enumerate(r for r in rows if not r.get("skipped")):
-        x, y = r["weight_memory_bytes"] / MIB, r["perplexity"]
-        ax.plot(x, y, "o", color=f"C{i % 10}", ms=7)
-        ax.plot(r["checkpoint_bytes"] / MIB, y, "s", color=f"C{i % 10}", ms=11, mfc="none")
-        labels.setdefault((round(x, 1), round(y, 3)), []).append(r["row"])
-    for (x, y), names in labels.items():  # identical results (e.g. llm-int8 and the peer) share one label
-        ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(7, 4), fontsize=8)
-    ax.plot([], [], "ko", label="weights in RAM (params, buffers, int8 state)")
-    ax.plot([], [], "ks", mfc="none", ms=9, label="checkpoint on disk (safetensors)")
-    ax.set_xlabel("MiB")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def update_doc(doc: Path, slug: str, block: str) -> None:
     """Replace (or append) this model's generated block between its markers in docs/benchmarks.md."""
     begin, end = f"<!-- bench:{slug}:begin (generated by scripts/benchmark.py) -->", f"<!-- bench:{slug}:end -->"
@@ -327,37 +312,45 @@ def update_doc(doc: Path, slug: str, block: str) -> None:
     doc.write_text(text, encoding="utf-8")
 
 
-def write(results: dict[str, dict[str, Any]], cfg: dict[str, Any], model: str, slug: str, out_dir: Path,
+def write(results: dict[str, dict[str, Any]], cfg: Any, model: str, slug: str, out_dir: Path,
           machine: dict[str, Any], command: str) -> list[Path]:
+    from bench_config import half_dtype
+    from bench_plots import plot_alpha, plot_decode, plot_memory
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "img").mkdir(exist_ok=True)
     rows, sim = main_rows(results), sim_table(results)
+    decode = bench_decode.decode_rows(results, half_dtype(cfg))
     loads = [x for r in results.values() for x in r.get("loadavg_1min", [])]
     fp = results.get("fp32", {})
-    cal = cfg["calibration"]
-    plots = {"alpha": f"img/bench-{slug}-alpha.png", "memory": f"img/bench-{slug}-memory.png"}
+    cal = cfg.calibration
+    plots = {k: f"img/bench-{slug}-{k}.png" for k, have in (("alpha", sim), ("memory", rows), ("decode", decode))
+             if have}
     threads = sorted({r["torch_threads"] for r in results.values() if "torch_threads" in r})
     machine = {**machine, "torch_threads": "/".join(map(str, threads)) or machine["torch_threads"]}
-    s = {"model": model, "command": command, "machine": machine, "config": cfg, "plots": plots,
-         "protocol": _get(fp, "eval", "protocol") or "-", "speed_windows": cfg["timing"]["speed_windows"],
-         "calibration": f"{cal['source']}, {cal['samples']} windows x {cal['seq_len']} tokens, seed {cal['seed']}",
+    seeds = ", ".join(map(str, (cal.seed, *cal.spread_seeds)))
+    s = {"model": model, "command": command, "machine": machine, "config": dataclasses.asdict(cfg), "plots": plots,
+         "protocol": _get(fp, "eval", "protocol") or "-", "speed_windows": cfg.timing.speed_windows,
+         "calibration": f"{cal.source}, {cal.samples} windows x {cal.seq_len} tokens, seed {seeds}",
          "loadavg_1min": [min(loads), max(loads)] if loads else [0.0, 0.0],
-         "rows": rows, "simulated": sim}
+         "rows": rows, "simulated": sim, "fidelity": fidelity_rows(results), "decode": decode}
     bare_all = _get(fp, "bare_all_windows")
     if bare_all:
         s["fp32_all_windows"] = {**bare_all, "windows": fp["eval"]["windows"],
                                  "evaluator_tokens_per_s": fp["eval"]["tokens_per_second"]}
-    s["targets"] = targets(rows, sim)
+    s["targets"] = targets(rows, sim) + [t for t in [bench_decode.target(decode)] if t]
     paths = [out_dir / f"bench-{slug}.json", out_dir / f"bench-{slug}.md"]
     paths[0].write_text(json.dumps({**s, "raw": results}, indent=1, default=str) + "\n", encoding="utf-8")
     block = markdown(s)
     paths[1].write_text(block + "\n", encoding="utf-8")
     if sim:
         plot_alpha(sim, out_dir / plots["alpha"], f"{model}: simulated W8A8 perplexity vs smoothing alpha")
-        paths.append(out_dir / plots["alpha"])
     if rows:
-        plot_memory(rows, out_dir / plots["memory"], f"{model}: memory vs perplexity per method")
-        paths.append(out_dir / plots["memory"])
+        plot_memory([r for r in rows if not r.get("skipped")], out_dir / plots["memory"],
+                    f"{model}: memory vs perplexity per method")
+    if decode:
+        plot_decode(decode, out_dir / plots["decode"], f"{model}: generation speed at batch 1")
+    paths += [out_dir / p for p in plots.values()]
     update_doc(out_dir / "benchmarks.md", slug, block)
     paths.append(out_dir / "benchmarks.md")
     return paths

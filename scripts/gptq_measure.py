@@ -19,10 +19,10 @@ import torch
 
 from llmq.arch import get_arch
 from llmq.config import Calibration, Evaluation, Quantization, Recipe, Smoothing
+from llmq.data import calibration_set
 from llmq.evaluate import evaluate
 from llmq.gptq import Hessians, dequantize, hessian_error, quantize_weight, rtn_weight
 from llmq.load import load
-from llmq.pipeline import _calibration_windows
 from llmq.quantize import bnb_quantization_config, int8_linear, linear_names, quantize_
 from llmq.smooth import smooth_targets
 
@@ -109,7 +109,7 @@ def main() -> None:
     grid = tuple(a.clip_grid) if a.clip_grid else CLIP_GRID
     fp, tok = load("llmq:smollm2", dtype="float32", device="cpu")
     recipe = Recipe(calibration=Calibration(samples=a.samples, seq_len=a.seq_len), smoothing=Smoothing(alpha=0.0))
-    windows = _calibration_windows(tok, recipe)
+    windows = calibration_set(tok, recipe.calibration)
     ev = Evaluation(seq_len=a.eval_seq_len, max_tokens=a.eval_tokens)
     results = {"fp": evaluate(fp, tok, ev, progress=False).to_dict()}
     for method in a.methods:
