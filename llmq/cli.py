@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seed", type=int, default=None)
     q.add_argument("--act-scales", default=None, help="reuse an act_scales.safetensors (skips calibration)")
     q.add_argument("--skip", action="append", default=None, help="module name not to quantize (repeatable)")
+    q.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
+                   help="round weights to nearest (bitsandbytes' own) instead of GPTQ's error-compensated rounding")
     q.add_argument("--max-kl", type=float, default=None, metavar="X",
                    help="keep the most sensitive linears in 16-bit until the KL to FP on held-out calibration "
                         "windows is at most X (in-memory mode)")
@@ -124,7 +126,8 @@ def _recipe_from_args(a: argparse.Namespace) -> Recipe:
     flags: dict[str, Any] = {
         "model": a.model, "dtype": a.dtype, "device": a.device, "trust_remote_code": a.trust_remote_code,
         "quantization.method": a.method, "quantization.threshold": a.threshold,
-        "quantization.skip": a.skip, "quantization.max_kl": a.max_kl, "smoothing.alpha": a.alpha,
+        "quantization.skip": a.skip, "quantization.max_kl": a.max_kl, "quantization.gptq": a.gptq,
+        "smoothing.alpha": a.alpha,
         "calibration.source": a.calib, "calibration.samples": a.calib_samples,
         "calibration.seq_len": a.calib_seq_len, "calibration.seed": a.calib_seed,
         "calibration.act_scales": a.act_scales, "push.repo_id": a.push, "push.private": a.private or None,

@@ -100,6 +100,7 @@ class Quantization:
     threshold: float | None = None  # None: the method's default (0 / 6.0 / 1e-6)
     skip: tuple[str, ...] = ("lm_head",)
     max_kl: float | None = None  # keep the most sensitive linears in 16-bit until the held-out KL is <= this
+    gptq: bool = True  # error-compensated int8 weights (GPTQ with input Hessians from calibration); False: RTN
 
     def __post_init__(self) -> None:
         _check(self.max_kl is None or (math.isfinite(self.max_kl) and self.max_kl > 0),

@@ -46,6 +46,7 @@ class Report:
     method: str
     threshold: float
     skip: list[str] = field(default_factory=list)
+    gptq: bool = False  # weights rounded by llmq/gptq.py (error-compensated) rather than round-to-nearest
     alpha: float | str | None = None  # as asked: a number, "auto", or None (no smoothing method)
     alphas: dict[str, float] | None = None  # chosen per smoothing group
     calibration: CalibrationInfo | None = None

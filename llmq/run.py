@@ -29,7 +29,7 @@ from .quantize import linear_names, mark_quantized_, replace_linears_
 from .report import CalibrationInfo, QuantizeInfo, Report
 from .save import atomic_dir, check_output, save_checkpoint
 from .smooth import smooth_targets
-from .stage import BlockResult, check_scales, collects, needs_windows, quantize_block_
+from .stage import BlockResult, check_scales, full_pass, needs_windows, quantize_block_
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,10 @@ def preflight(recipe: Recipe, out: str | Path, overwrite: bool, evaluate: bool =
 def block_report(recipe: Recipe, res: BlockResult) -> Report:
     """The quantization fields of the report from what the stage(s) chose and measured."""
     q, sm, cal = recipe.quantization, recipe.smoothing, recipe.calibration
-    rep = Report(method=q.method, threshold=q.effective_threshold, skip=list(q.skip))
-    if needs_windows(recipe):
+    rep = Report(method=q.method, threshold=q.effective_threshold, skip=list(q.skip), gptq=q.gptq)
+    if q.method == "smoothquant":
         rep.alpha, rep.alphas = sm.alpha, res.alphas
+    if needs_windows(recipe):
         rep.calibration = CalibrationInfo(cal.source, cal.samples, cal.seq_len, cal.seed, res.tokens, cal.act_scales)
     return rep
 
@@ -112,19 +113,20 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
 def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None = None,
                scales: CalibrationStats | None = None,
                progress: bool = True) -> tuple[Report, CalibrationStats | None, BlockResult]:
-    """Smooth (smoothquant only) and replace the linears with Int8 modules, in place. Smoothquant runs
-    llmq/stage.py layer by layer on the calibration windows (llmq/layers.py, as the sequential driver does);
-    the other methods run it once on the whole model. Also returns the stage's BlockResult."""
+    """Smooth (smoothquant only) and replace the linears with Int8 modules, in place. With calibration text
+    (smoothquant, GPTQ, --max-kl) llmq/stage.py runs layer by layer on the calibration windows
+    (llmq/layers.py, as the sequential driver does); otherwise once on the whole model. Also returns the
+    stage's BlockResult."""
     q, cal = recipe.quantization, recipe.calibration
-    targets = smooth_targets(model, recipe.smoothing.groups) if needs_windows(recipe) else []
+    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
     if targets and scales is None and cal.act_scales:
         scales = load_act_scales(cal.act_scales)
     check_scales(scales, targets, cal.act_scales)
     qnames = linear_names(model, q.skip)
-    if targets:
+    if needs_windows(recipe):
         if windows is None:
             windows = calibration_set(tokenizer, cal)
-        windows = windows if collects(recipe, scales is not None) else windows[:1]
+        windows = windows if full_pass(recipe, scales is not None) else windows[:1]
         path, device = layers_path(model), next(model.parameters()).device
         hidden, extras = catch_inputs(model, model.get_submodule(path), windows, device, device)
         res = quantize_layers_(model, path, recipe, targets, qnames, hidden=hidden, extras=extras,

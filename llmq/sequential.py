@@ -33,7 +33,7 @@ from .report import QuantizeInfo, Report
 from .run import block_report, calibration_split, finish_output, preflight, saved_stats, stamp_
 from .save import atomic_dir
 from .smooth import smooth_targets
-from .stage import check_scales, collects, needs_windows
+from .stage import check_scales, full_pass, needs_windows
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +188,15 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     check_causal(config, recipe.model)
     model = skeleton(config, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     model.config.use_cache = False  # as llmq.load.load
-    targets = smooth_targets(model, recipe.smoothing.groups) if needs_windows(recipe) else []
+    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
     check_scales(inputs.scales, targets, cal.act_scales)
     src = source(recipe.model)["pretrained_model_name_or_path"]
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=recipe.trust_remote_code)
     windows = None
-    if targets:
+    if needs_windows(recipe):
         check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
         windows, _ = calibration_split(tok, recipe, inputs.cal_text)  # the guard does not run here
-        windows = windows if collects(recipe, inputs.scales is not None) else windows[:1]
+        windows = windows if full_pass(recipe, inputs.scales is not None) else windows[:1]
     store = torch.device("cpu") if _offload_hidden(recipe, device, max_memory) else device
     n_params = model.num_parameters()
     with atomic_dir(inputs.dest, overwrite) as tmp:

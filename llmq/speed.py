@@ -1,15 +1,12 @@
 """Decode speed: what a user feels when generating, one token at a time with a KV cache, at batch 1.
 
-Protocol (the one place it is written; `DecodeResult.protocol` repeats it with the numbers filled in):
-the prompt is the first `prompt_tokens` tokens of the text `data` (tokenized without special tokens, as
-in llmq/evaluate.py). `model.generate` runs greedy (`do_sample=False`, one beam) with the KV cache on and
-`min_new_tokens = max_new_tokens = new_tokens`, so EOS cannot end a run early and every run produces the
-same number of tokens. A streamer stamps the time (after a device sync) when generate hands it the prompt
-and each new token: prefill = prompt -> first new token (the prompt's forward pass plus the first token's
-selection); decode = first -> last new token, divided by `new_tokens - 1` per token. Each model first runs
-`warmup` untimed generations, then `repeats` timed ones; with several models the timed runs are
-interleaved (model order reversed every other round), so a ratio between two models is the median of
-per-round ratios of runs made back to back. Reported: medians over the timed runs.
+Protocol (written once; `DecodeResult.protocol` repeats it with numbers): the prompt is the first
+`prompt_tokens` tokens of the text `data` (no special tokens, as llmq/evaluate.py). `model.generate` runs
+greedy with the KV cache and `min_new_tokens = max_new_tokens = new_tokens` (EOS cannot end a run early).
+A streamer stamps the time (after a device sync) at the prompt and each new token: prefill = prompt ->
+first new token; decode = first -> last new token, per token. Each model runs `warmup` untimed generations,
+then `repeats` timed ones, interleaved across models (order reversed every other round), so a ratio is the
+median of per-round ratios of back-to-back runs. Reported: medians over the timed runs.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ token windows), or the sequential driver's feed (ids select cached layer inputs)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -21,9 +22,9 @@ from torch import nn
 
 from .calibrate import CalibrationStats, calibrate
 from .config import Recipe
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 from .quantize import check_finite_weights, check_fp16_range, replace_linears_
-from .smooth import SmoothTarget, smooth_
+from .smooth import SmoothTarget, linear_weight, smooth_
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,15 @@ class BlockResult:
 
 def needs_windows(recipe: Recipe) -> bool:
     """Whether a run needs calibration text: every smoothquant run does (maxima, or at least window 0 for the
-    fp16 range check), and every --max-kl run (held-out windows); llm-int8 and weight-only otherwise not."""
-    return recipe.quantization.method == "smoothquant" or recipe.quantization.max_kl is not None
+    fp16 range check), every GPTQ run (input Hessians) and every --max-kl run (held-out windows)."""
+    q = recipe.quantization
+    return q.method == "smoothquant" or q.gptq or q.max_kl is not None
+
+
+def full_pass(recipe: Recipe, have_scales: bool) -> bool:
+    """Whether every calibration window runs through the float block (maxima, auto rows, GPTQ Hessians);
+    otherwise window 0 alone is needed, for the fp16 range check."""
+    return collects(recipe, have_scales) or recipe.quantization.gptq
 
 
 def collects(recipe: Recipe, have_scales: bool) -> bool:
@@ -72,15 +80,23 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
                     ids: torch.Tensor | None, check_ids: torch.Tensor | None,
                     scales: CalibrationStats | None = None, progress: bool = False) -> BlockResult:
     """Quantize the block under `root` in place: `targets` are its smoothing groups (empty unless
-    smoothquant), `qnames` its linears to convert. `ids`: the calibration inputs (used when `collects`);
-    `check_ids`: the input of the fp16 range check (None: no check); `scales`: maxima from --act-scales."""
-    sm, cal = recipe.smoothing, recipe.calibration
+    smoothquant), `qnames` its linears to convert. `ids`: the calibration inputs (every window runs through
+    the float block when `full_pass`); `check_ids`: the input of the fp16 range check (None: no check);
+    `scales`: maxima from --act-scales. With quantization.gptq the same float pass accumulates each linear's
+    input Hessian, and the weights are rounded by llmq/gptq.py instead of bitsandbytes' round-to-nearest."""
+    sm, cal, q = recipe.smoothing, recipe.calibration, recipe.quantization
     check_finite_weights(root)
     res = BlockResult()
-    if targets:
-        stats = scales
-        auto = sm.alpha == "auto"
-        if collects(recipe, scales is not None):
+    stats = scales
+    hess = None
+    if q.gptq and ids is not None:
+        from .gptq import Hessians
+
+        hess = Hessians({n: root.get_submodule(n) for n in qnames},
+                        shared={n: t.key for t in targets for n in t.linear_names})
+    auto = sm.alpha == "auto"
+    with hess if hess is not None else contextlib.nullcontext():
+        if targets and collects(recipe, scales is not None):
             if ids is None:
                 raise ValueError("this block needs calibration inputs")  # a driver bug, not a user error
             fresh = calibrate(root, ids, sorted({n for t in targets for n in t.linear_names}),
@@ -88,6 +104,13 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
                               sample_tokens=sm.auto_tokens if auto else 0, seed=cal.seed, progress=progress)
             res.act_max, res.tokens = fresh.act_max, fresh.tokens
             stats = fresh if scales is None else CalibrationStats(scales.act_max, fresh.samples, fresh.tokens)
+        elif hess is not None:
+            with torch.inference_mode():
+                for w in range(ids.shape[0]):
+                    root(ids[w:w + 1], use_cache=False)
+            res.tokens = int(ids.numel())
+    before = {n: linear_weight(root.get_submodule(n)).detach().float().clone() for n in qnames} if hess else {}
+    if targets:
         if auto and callable(getattr(root, "output", None)):  # one decoder layer: score its whole output
             from .alpha import search_layer_alpha_
 
@@ -101,14 +124,40 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
             res.alphas = smooth_(root, stats.act_max, sm.alpha, targets=targets)
         else:
             res.alphas = {t.key: 0.0 for t in targets}
-    if recipe.quantization.max_kl is not None:
+    if q.max_kl is not None:
         res.originals = {n: copy.deepcopy(root.get_submodule(n)).cpu() for n in qnames}
-    replace_linears_(root, qnames, recipe.quantization, progress=progress)
+    if hess is not None:
+        _gptq_convert_(root, qnames, hess, before, q)
+    else:
+        replace_linears_(root, qnames, q, progress=progress)
     if check_ids is not None:
         check_fp16_range(root, check_ids)
         if res.originals:
             res.sensitivity = sensitivity(root, check_ids, res.originals)
     return res
+
+
+def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, torch.Tensor], q) -> None:
+    """Replace each linear with an Int8 module whose rows llmq/gptq.py rounded against its input Hessian.
+    H was accumulated before smoothing; smoothing divides input channel j by s_j (the ratio of the column's
+    weights after and before it), so the smoothed input's Hessian is D H D with D = diag(1 / s)."""
+    from .gptq import quantize_weight
+    from .quantize import FP16_MAX, int8_linear
+
+    for name in qnames:
+        module = root.get_submodule(name)
+        w = linear_weight(module).detach().float()
+        old = before[name].abs().sum(0)
+        s = torch.where(old > 0, w.abs().sum(0) / old.clamp(min=1e-30), torch.ones_like(old))
+        h = hess[name].float().to(w.device)
+        cb, scb = quantize_weight(w, h / s[:, None] / s[None, :])
+        if not float(scb.max()) <= FP16_MAX:
+            raise NumericalError(f"the weights of {name} reach |w| = {float(scb.max()):.4g}, beyond the float16 "
+                                 "range that bitsandbytes computes in; use a smaller alpha (smoothing scales "
+                                 f"weights up) or keep that layer unquantized with --skip {name}")
+        parent, _, child = name.rpartition(".")
+        new = int8_linear(cb, scb, module.bias, q.effective_threshold, device=w.device, training=module.training)
+        setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 @torch.inference_mode()
