@@ -23,7 +23,7 @@ _EXPORTS = {
     "Evaluation": "config", "Push": "config",
     "load": "load", "calibrate": "calibrate", "smooth_": "smooth", "quantize_": "quantize",
     "quantize_model_": "pipeline", "run": "pipeline", "save_checkpoint": "save",
-    "evaluate": "evaluate", "push": "hub", "write_card": "hub",
+    "evaluate": "evaluate", "push": "hub", "write_card": "hub", "export": "export",
 }
 __all__ = sorted(_EXPORTS)
 
