@@ -9,8 +9,8 @@ from typing import Any
 
 _SECRET = re.compile(r"\bhf_[A-Za-z0-9]{30,}|(?i:(?<=bearer )\S+)")
 _NEEDS = {
-    "int-quantized": ("W8A8", "int8 x int8 matmuls: CUTLASS kernels on NVIDIA GPUs of compute capability 7.5 or "
-                      "newer (Turing, Ampere, Ada, Hopper), oneDNN on x86 CPUs (vLLM's CPU build)"),
+    "int-quantized": ("W8A8", "int8 x int8 matmuls: CUTLASS kernels on NVIDIA GPUs of compute capability 7.5 to "
+                      "9.x (Turing, Ampere, Ada, Hopper), oneDNN on x86 CPUs (vLLM's CPU build)"),
     "pack-quantized": ("W8A16", "int8 weights dequantized inside mixed-precision GEMM kernels (Marlin family): "
                        "NVIDIA GPUs of compute capability 8.0 or newer"),
 }

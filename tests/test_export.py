@@ -207,3 +207,31 @@ def test_bad_inputs_are_one_line_errors(case, tiny, tmp_path, capsys, monkeypatc
     assert code == 2 and err.startswith("llmq: error: ") and err.count("\n") == 1 and expect in err, err
     assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == before
     assert sorted(p.name for p in tiny["smoothquant"].iterdir() if p.name.startswith(".")) == []
+
+
+def test_sharded_source_exports_shard_by_shard(tiny, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmq.export import export
+
+    src = tmp_path / "sharded"
+    shutil.copytree(tiny["smoothquant"], src)
+    sd = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    keys = sorted(sd)  # layer 0 in one shard, the rest in the other (a module's tensors share a shard)
+    shards = {"model-00001-of-00002.safetensors": [k for k in keys if ".layers.0." in k],
+              "model-00002-of-00002.safetensors": [k for k in keys if ".layers.0." not in k]}
+    for f, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(src / f), metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    export(src, tmp_path / "a")
+    export(tiny["smoothquant"], tmp_path / "b")
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())["weight_map"]
+    a = {k: v for f in sorted(set(index.values())) for k, v in load_file(str(tmp_path / "a" / f)).items()}
+    assert sorted(index) == sorted(a)
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
