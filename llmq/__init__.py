@@ -24,7 +24,7 @@ _EXPORTS = {
     "Evaluation": "config", "Push": "config",
     "load": "load", "calibrate": "calibrate", "smooth_": "smooth", "quantize_": "quantize",
     "quantize_model_": "run", "run": "run", "save_checkpoint": "save",
-    "evaluate": "evaluate", "push": "hub", "write_card": "hub",
+    "evaluate": "evaluate", "push": "hub", "write_card": "hub", "export": "export",
     "Decode": "speed", "decode_speed": "speed", "compare_decode": "speed",
 }
 __all__ = sorted(_EXPORTS)

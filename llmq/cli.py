@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any recipe key, e.g. --set smoothing.groups=[attn,mlp]")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--format", choices=("bitsandbytes", "compressed-tensors"), default="bitsandbytes",
+                   help="compressed-tensors: export for vLLM (see `llmq export`)")
     q.add_argument("--eval", action="store_true", help="evaluate FP vs INT8 (perplexity, KL, top-1, memory, speed)")
     q.add_argument("--push", default=None, metavar="REPO_ID", help="upload the output to the Hub afterwards")
     q.add_argument("--private", action="store_true", help="with --push: create a private repo")
@@ -110,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-memory", default=None, help="memory budget, e.g. 24GiB or 0=20GiB,cpu=64GiB")
     pl.add_argument("--calib-samples", type=int, default=None)
     pl.add_argument("--calib-seq-len", type=int, default=None)
+
+    x = sub.add_parser("export", help="rewrite an llmq output folder in another format (compressed-tensors: vLLM)")
+    x.add_argument("folder", help="an llmq output folder (bitsandbytes, from `llmq quantize`)")
+    x.add_argument("--format", choices=("compressed-tensors",), default="compressed-tensors")
+    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("push", help="upload an llmq output folder to the Hugging Face Hub")
     p.add_argument("folder")
@@ -215,6 +223,15 @@ def cmd_quantize(a) -> int:
         from .hub import check_push_args
 
         check_push_args(recipe.push.repo_id)  # bad repo id / no token: fail before quantizing
+    if a.format == "compressed-tensors":  # quantize into a hidden bitsandbytes folder, export it, push the export
+        from .export import staging
+
+        q = recipe.quantization
+        with staging(a.out, a.overwrite, q.method, q.effective_threshold) as bnb:
+            cmd_quantize(argparse.Namespace(**{**vars(a), "format": "bitsandbytes", "out": str(bnb), "push": None}))
+            return cmd_export(argparse.Namespace(folder=str(bnb), format=a.format, out=a.out,
+                                                 overwrite=a.overwrite, push=a.push, private=a.private,
+                                                 progress=a.progress))
     from .plan import choose_mode
     from .run import run
 
@@ -258,6 +275,21 @@ def cmd_push(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .export import export
+
+    command = "llmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    res = export(a.folder, a.out, format=a.format, overwrite=a.overwrite, command=command)
+    print(f"wrote {a.out} ({a.format} {res['compressed_tensors_format']}: {res['scheme']}; {res['linears']} int8 "
+          f"linears, float: {', '.join(res['ignore']) or 'none'})")
+    if getattr(a, "push", None):
+        from .hub import push
+
+        pushed = push(a.out, a.push, private=a.private, progress=a.progress)
+        print(f"pushed {len(pushed.files)} files to {pushed.repo_id}: {pushed.commit_url}")
+    return 0
+
+
 def cmd_plan(a) -> int:
     from .config import Calibration
     from .plan import detected_budget, estimate, format_plan
@@ -269,7 +301,8 @@ def cmd_plan(a) -> int:
     return 0
 
 
-COMMANDS = {"fetch": cmd_fetch, "eval": cmd_eval, "quantize": cmd_quantize, "plan": cmd_plan, "push": cmd_push}
+COMMANDS = {"fetch": cmd_fetch, "eval": cmd_eval, "quantize": cmd_quantize, "plan": cmd_plan, "push": cmd_push,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,5 +35,10 @@ class PushError(LlmqError):
     """Uploading to the Hub failed (no token, bad repo id, refused, network)."""
 
 
+class ExportError(LlmqError):
+    """A folder cannot be exported to the asked format (not an llmq folder, a method the format cannot express,
+    the format's package missing)."""
+
+
 class AssetError(LlmqError):
     """An offline asset could not be fetched or failed its checksum."""
