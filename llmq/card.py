@@ -85,7 +85,8 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
              f"`{base or 'a causal LM'}` quantized to 8-bit with [llmq](https://pypi.org/project/llmq/)"
              f"{' ' + rep.llmq_version if rep.llmq_version else ''}. The weights are "
              "bitsandbytes int8 and load with stock transformers (see Usage).",
-             "## Method", _method(rep, method), *_alpha(rep, method), *_guard(rep), "## Calibration", _calibration(rep),
+             "## Method", _method(rep, method), *_alpha(rep, method), *_guard(rep), *_keep(rep),
+             "## Calibration", _calibration(rep),
              "## Evaluation", *_evaluation(rep.evaluation), "## Usage", _usage(repo_id, name, method),
              "## Versions", _versions(rep.versions), "## Reproduce", *_reproduce(rep, recipe_text)]
     return _SECRET.sub("***", "\n\n".join(p.strip("\n") for p in parts) + "\n")
@@ -124,8 +125,10 @@ def _num(v: Any) -> float | None:
 
 def _method(rep: Report, method: str) -> str:
     t = _num(rep.threshold)
-    text = _METHOD.get(method, f"Method `{method}`.")
-    return text.format(t=("not recorded" if t is None or t != t else f"{t:g}"))
+    text = _METHOD.get(method, f"Method `{method}`.").format(t=("not recorded" if t is None or t != t else f"{t:g}"))
+    return text + (" The int8 rows were chosen by GPTQ (error-compensated against each linear's input Hessian "
+                   "from calibration, per-row clipped scales), not rounded to nearest." if rep.gptq else
+                   " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.")
 
 
 def _alpha(rep: Report, method: str) -> list[str]:
@@ -163,6 +166,20 @@ def _guard(rep: Report) -> list[str]:
             f"calibration windows held out from calibration and the alpha search ({g.get('held_out_tokens')} "
             f"scored tokens). {verdict}",
             "| candidate | alpha | KL to FP | top-1 | NLL |\n|---|---|---|---|---|\n" + rows]
+
+
+def _keep(rep: Report) -> list[str]:
+    k = rep.keep
+    if not isinstance(k, dict):
+        return []
+    kept = k.get("kept") or []
+    names = ", ".join(f"`{n}`" for n in kept[:20]) + (f" and {len(kept) - 20} more" if len(kept) > 20 else "")
+    return ["## Kept in 16-bit (`--max-kl`)",
+            f"Target: KL to FP at most {_fmt(k.get('max_kl'), 'g')} on the held-out windows; measured "
+            f"{_fmt(k.get('kl_before'), '.4g')} with every linear in int8, {_fmt(k.get('kl_after'), '.4g')} with "
+            f"{len(kept)} kept in float ({'met' if k.get('met') else 'NOT met'}). "
+            + (f"Kept (most sensitive first): {names}; they add {_mem(k.get('extra_bytes')) or '0 B'} over int8."
+               if kept else "No linear had to be kept.")]
 
 
 def _fmt(v: Any, spec: str) -> str:

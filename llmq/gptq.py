@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 INV127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant constant, float32 1/127
 SWEEP_ELEMENTS = 2**24  # weight copies swept at once, over all clip factors (x ~4 float32 buffers: 256 MB)
 CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.0, 0.98, ..., 0.8
+STAGE_CLIP_GRID = (1.0, 0.95, 0.9, 0.85)  # what llmq/stage.py sweeps: the sweep's cost is linear in the grid
 
 
 class Hessians:

@@ -141,7 +141,7 @@ def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, t
     """Replace each linear with an Int8 module whose rows llmq/gptq.py rounded against its input Hessian.
     H was accumulated before smoothing; smoothing divides input channel j by s_j (the ratio of the column's
     weights after and before it), so the smoothed input's Hessian is D H D with D = diag(1 / s)."""
-    from .gptq import quantize_weight
+    from .gptq import STAGE_CLIP_GRID, quantize_weight
     from .quantize import FP16_MAX, int8_linear
 
     for name in qnames:
@@ -150,7 +150,7 @@ def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, t
         old = before[name].abs().sum(0)
         s = torch.where(old > 0, w.abs().sum(0) / old.clamp(min=1e-30), torch.ones_like(old))
         h = hess[name].float().to(w.device)
-        cb, scb = quantize_weight(w, h / s[:, None] / s[None, :])
+        cb, scb = quantize_weight(w, h / s[:, None] / s[None, :], clip_grid=STAGE_CLIP_GRID)
         if not float(scb.max()) <= FP16_MAX:
             raise NumericalError(f"the weights of {name} reach |w| = {float(scb.max()):.4g}, beyond the float16 "
                                  "range that bitsandbytes computes in; use a smaller alpha (smoothing scales "

@@ -136,6 +136,8 @@ def test_max_kl_keeps_sensitive_linears_in_float_and_reloads_stock(tmp_path):
     ranked = sorted(keep["sensitivity"], key=lambda n: -keep["sensitivity"][n])
     assert keep["kept"] == ranked[:len(keep["kept"])]  # the most sensitive first
     assert keep["extra_bytes"] > 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Kept in 16-bit" in card and f"`{keep['kept'][0]}`" in card and "met" in card
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert cfg["llm_int8_skip_modules"] == ["lm_head", *keep["kept"]]
     ids = [[5, 9, 33, 7, 101, 200, 17, 3]]
