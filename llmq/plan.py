@@ -10,8 +10,9 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   scores, the eager/math upper bound); the in-memory forward also makes the logits, L * vocab * d.
 - in-memory peak (llmq.run): the float model + the larger of that working set and one linear's
   conversion (its fp16 copy + int8); on CPU plus the memory-mapped checkpoint pages resident while
-  from_pretrained copies them (~ the float model again) and the auto-alpha row samples of every layer
-  (auto_tokens x in_features float32 per group).
+  from_pretrained copies them (~ the float model again) and the auto-alpha row samples of one layer
+  (auto_tokens x in_features float32 per group). With auto alpha the guard (llmq/guard.py) adds the float
+  reference and up to two int8 rivals beside the shipped model: + fp + 2 x int8.
 - sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
   window's working set + the larger of (the non-layer weights but the head, while the layer inputs are
   caught) and (the largest float layer + its int8 copy, in the layer loop). llm-int8 / weight-only do not
@@ -168,10 +169,13 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     logits = L * text.vocab_size * d
     biggest_linear = max((model.get_parameter(k).numel() for k in rows), default=0) * 3  # fp16 copy + int8
     samples = 0
-    if calibrates and alpha == "auto":  # float32 rows kept per smoothing group, for all layers at once
+    if calibrates and alpha == "auto":  # float32 rows kept per smoothing group of one layer (layer by layer)
         for t in smooth_targets(model):
             samples += auto_tokens * linear_weight(model.get_submodule(t.linear_names[0])).shape[1] * 4
+        samples //= max(n_layers, 1)
     in_memory = fp + max(act + logits if calibrates else 0, biggest_linear)
+    if calibrates and alpha == "auto":  # the guard: float reference + rivals beside the model
+        in_memory += fp + 2 * q
     if key == "cpu":  # while from_pretrained copies weights out of the memory-mapped checkpoint, both are resident
         in_memory += fp + samples
     non_layer = fp - sum(layer_fp)

@@ -178,9 +178,10 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
     if recipe.smoothing.alpha == "auto" and needs_windows(recipe) and recipe.quantization.method == "smoothquant":
         model, won, result = guard_(model, recipe, held, load_fp, build)
         if won is not None:
-            alpha = report.alpha
+            alpha, auto_stats = report.alpha, stats
             report, stats, res = won
             report.alpha = alpha  # as asked ("auto"); the alphas are the rival's
+            stats = stats or auto_stats  # the maxima auto calibrated stay reusable (--act-scales)
         report.guard = {"chosen": result.chosen, "fell_back": result.fell_back,
                         "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
                         "candidates": result.candidates}

@@ -104,10 +104,15 @@ def test_calibration_windows_are_the_librarys(tmp_path: Path) -> None:
     text.write_text(tiny_text(20000))
     tok = tiny_tokenizer()
     recipe = llmq.Recipe().override({"calibration.source": str(text), "calibration.samples": 4,
-                                     "calibration.seq_len": 64, "calibration.seed": 3})
+                                     "calibration.seq_len": 64, "calibration.seed": 3,
+                                     "smoothing.guard_windows": 0})
     got = calibration_windows(tok, recipe)
     ids = tokenize(tok, text.read_text(), max_tokens=8 * 4 * 64)  # how `llmq quantize` tokenizes
     assert torch.equal(got, cut(ids, 4, 64, 3))
+    # with the guard, its held-out windows are drawn too and left out of calibration
+    guarded = calibration_windows(tok, recipe.override({"smoothing.guard_windows": 2}))
+    every = cut(tokenize(tok, text.read_text(), max_tokens=8 * 6 * 64), 6, 64, 3)
+    assert guarded.shape == (4, 64) and all(any(torch.equal(g, e) for e in every) for g in guarded)
 
 
 def _decode_result(name: str, tps: float, method: str | None, ratios: dict, gen: list[int]) -> dict:

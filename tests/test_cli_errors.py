@@ -476,7 +476,8 @@ def test_no_input_changed_and_no_leftovers(battery: Battery) -> None:
 def test_unsupported_architecture_quantizes_with_llm_int8(battery: Battery, tmp_path: Path) -> None:
     """The same model the smoothing table refuses (row arch-not-in-table) quantizes with --method llm-int8."""
     out = tmp_path / "bigcode-int8"
-    run = llmq(["-q", "quantize", battery.paths["bigcode"], "--method", "llm-int8", "--out", str(out)],
+    run = llmq(["-q", "quantize", battery.paths["bigcode"], "--method", "llm-int8", "--calib", battery.paths["text"],
+                "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)],
                cli_env(HF_HOME=battery.paths["hf_home"]))
     assert run.code == 0 and "Traceback" not in run.err, run.show()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_threshold"] == 6.0
@@ -536,6 +537,7 @@ def test_custom_code_runs_only_with_the_flag(battery: Battery, tmp_path: Path) -
     assert not marker.exists()
     out = tmp_path / "custom-int8"
     run = llmq(["-q", "quantize", battery.paths["remote"], "--trust-remote-code", "--method", "llm-int8",
+                "--calib", battery.paths["text"], "--calib-samples", "4", "--calib-seq-len", "32",
                 "--out", str(out)], cli_env(HF_HOME=battery.paths["hf_home"]))
     assert run.code == 0 and "Traceback" not in run.err, run.show()
     assert marker.read_text() == "custom code ran"
