@@ -18,6 +18,7 @@ from .load import base_model_id, check_seq_len, load
 from .memory import PeakMemory
 from .quantize import check_finite_weights, check_fp16_range, quantize_
 from .save import atomic_dir, check_output, save_checkpoint, write_json
+from .storage import to_storage_dtype_
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
                                    "seed": cal.seed, "tokens": stats.tokens,
                                    "act_scales": cal.act_scales})
     quantize_(model, q, progress=progress)
+    to_storage_dtype_(model, q.storage_dtype)  # what stock from_pretrained reloads; checked and evaluated as such
     if stats is not None and not stats.act_max:
         stats = None  # nothing was calibrated: no act_scales file
     if windows is None and q.method == "smoothquant":

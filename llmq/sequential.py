@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import Recipe
 from .errors import ConfigError, ModelLoadError, NumericalError
+from .storage import cast_unquantized_, storage_dtype, stored_dtype
 
 log = logging.getLogger(__name__)
 MAX_SHARD_BYTES = 5 * 10**9  # save.save_checkpoint's max_shard_size="5GB"
@@ -449,6 +450,7 @@ class _Job:
     collect: bool = False  # record activation maxima (auto alpha, or a fixed alpha without --act-scales)
     hidden: list | None = None
     extras: list | None = None
+    storage: torch.dtype = torch.float32  # of the non-int8 tensors written (llmq/storage.py)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -491,13 +493,15 @@ def _write_outside(job: _Job) -> dict[str, tuple[Path, int, int, dict]]:
     load, passthrough = [], {}
     for k, t in _untie(model, model.state_dict(keep_vars=True)).items():
         entry = _entry(*job.kmap[k]) if k in job.kmap else None
-        if entry and entry[3]["dtype"] == _ST_DTYPE.get(t.dtype) and not any(k.startswith(n + ".") for n in convert):
+        same = entry and entry[3]["dtype"] == _ST_DTYPE.get(stored_dtype(model, k, t, job.storage))
+        if same and not any(k.startswith(n + ".") for n in convert):
             passthrough[next(iter(revert_weight_conversion(model, {k: t})))] = entry
         else:
             load.append(k)
     _load_(model, load, job.kmap)
     check_finite_weights(model)
     replace_linears_(model, convert, job.recipe.quantization)
+    cast_unquantized_(model, job.storage)
     sd = {k: v for k, v in _untie(model, model.state_dict()).items() if not v.is_meta}
     if sd:
         _stage(model, sd, job.staging / "rest.safetensors")
@@ -559,6 +563,7 @@ def _quantize_layer_(job: _Job, i: int) -> tuple[dict[str, torch.Tensor], dict[s
     _trim()
     if feed is not None:
         _check_range(feed, first, job.windows.shape[1])
+    cast_unquantized_(job.model, job.storage, only=prefix)
     _stage(job.model, layers[i].state_dict(prefix=prefix), job.staging / f"layer-{i:05d}.safetensors")
     layers[i] = nn.Module()  # free it
     _trim()
@@ -633,7 +638,8 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         del tok, cal_text  # not needed any more: keep the peak down
         _trim()
         job = _Job(recipe, model, _layers_path(model), _key_map(model, files), linear_names(model, q.skip),
-                   targets, stats, device, tmp / ".staging", windows, collect)
+                   targets, stats, device, tmp / ".staging", windows, collect,
+                   storage=storage_dtype(q.storage_dtype, dtype))
         missing = [n for n, _ in model.named_parameters() if n not in job.kmap]  # tied copies listed once
         if missing:
             raise ModelLoadError(f"{recipe.model!r} has no weights for {missing[:3]}: the checkpoint does not "
@@ -669,7 +675,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         write_shards(staged, sorted(every, key=dot_natural_key), tmp, total_parameters=n_params,
                      max_shard_bytes=MAX_SHARD_BYTES, passthrough=passthrough)
         job.staging.rmdir()
-        _save_config(model, recipe, dtype, src, tmp)
+        _save_config(model, recipe, job.storage, src, tmp)
         if stats is not None:
             save_act_scales(stats, tmp / "act_scales.safetensors")
         (tmp / "llmq_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
