@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import DTYPES, METHODS, OFFLINE_MODEL, OFFLINE_TEXT, Recipe, parse_set
+from .config import DTYPES, METHODS, OFFLINE_MODEL, OFFLINE_TEXT, STORAGE_DTYPES, Recipe, parse_set
 from .errors import LlmqError
 
 log = logging.getLogger("llmq")
@@ -38,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (auto: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="run dtype (auto: a quantized checkpoint's own; else fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run custom model code shipped with the checkpoint (off unless given)")
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seed", type=int, default=None)
     q.add_argument("--act-scales", default=None, help="reuse an act_scales.safetensors (skips calibration)")
     q.add_argument("--skip", action="append", default=None, help="module name not to quantize (repeatable)")
+    q.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None,
+                   help="dtype of the non-int8 tensors saved and run (auto: bfloat16, or the --dtype if 16-bit)")
+    q.add_argument("--base-model", default=None, metavar="ID", help="Hub id the model card names as base_model")
     q.add_argument("--recipe", default=None, help="YAML recipe (configs/*.yaml); flags override it")
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe key, e.g. --set smoothing.groups=[attn,mlp]")
@@ -113,7 +117,8 @@ def _recipe_from_args(a: argparse.Namespace) -> Recipe:
     flags: dict[str, Any] = {
         "model": a.model, "dtype": a.dtype, "device": a.device, "trust_remote_code": a.trust_remote_code,
         "quantization.method": a.method, "quantization.threshold": a.threshold,
-        "quantization.skip": a.skip, "smoothing.alpha": a.alpha,
+        "quantization.skip": a.skip, "quantization.storage_dtype": a.storage_dtype, "base_model": a.base_model,
+        "smoothing.alpha": a.alpha,
         "calibration.source": a.calib, "calibration.samples": a.calib_samples,
         "calibration.seq_len": a.calib_seq_len, "calibration.seed": a.calib_seed,
         "calibration.act_scales": a.act_scales, "push.repo_id": a.push, "push.private": a.private or None,
@@ -146,9 +151,10 @@ def cmd_fetch(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from .compare import evaluate_pair
     from .config import Evaluation
     from .data import load_text
-    from .evaluate import check_same_vocab, evaluate, format_table
+    from .evaluate import evaluate, format_table
     from .load import load
     from .save import check_output_file
 
@@ -157,20 +163,19 @@ def cmd_eval(a) -> int:
         check_output_file(a.json_path)
     load_text(cfg.data, "evaluation")  # bad data fails before loading models
     kw = dict(dtype=a.dtype or "auto", device=a.device or "auto", trust_remote_code=bool(a.trust_remote_code))
-    model, tok = load(a.model, device_map=a.device_map, max_memory=_max_memory(a.max_memory),
-                      offload_folder=a.offload_folder, **kw)
-    results = {}
-    ref = None
-    if a.reference:
-        ref, _ = load(a.reference, **kw)
-        check_same_vocab(model, ref)
-        results["reference"] = evaluate(ref, tok, cfg, progress=a.progress)
-    results["model"] = evaluate(model, tok, cfg, reference=ref, reference_name=a.reference, progress=a.progress)
+    model_kw = dict(kw, device_map=a.device_map, max_memory=_max_memory(a.max_memory), offload_folder=a.offload_folder)
+    if a.reference:  # the reference first, then the model, each alone in memory (llmq/compare.py)
+        r, r_ref = evaluate_pair(a.model, a.reference, cfg, model_kw=model_kw, reference_kw=kw,
+                                 reference_name=a.reference, progress=a.progress)
+        results = {"reference": r_ref, "model": r}
+    else:
+        model, tok = load(a.model, **model_kw)
+        results = {"model": evaluate(model, tok, cfg, progress=a.progress)}
     print(format_table(results))
     print(results["model"].protocol)
     if a.json_path:
         data = results["model"].to_dict()
-        if ref is not None:
+        if a.reference:
             data["reference_result"] = results["reference"].to_dict()
         Path(a.json_path).write_text(json.dumps(data, indent=2) + "\n")
     return 0

@@ -3,12 +3,13 @@
 Large models: pass `device_map="auto"` and `max_memory` (accelerate places layers on GPUs, then CPU, then
 `offload_folder` on disk; `max_memory` alone implies `device_map="auto"`). Pre-quantized bitsandbytes
 checkpoints cannot be offloaded to CPU/disk by transformers: they must fit the GPUs given.
-`trust_remote_code` stays off unless the caller asks for it.
+`trust_remote_code` stays off unless the caller asks for it. `dtype="auto"` is, for a quantized checkpoint,
+the dtype its config.json records (what stock from_pretrained runs its non-int8 tensors in), else float32 on
+CPU and float16 on CUDA.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -129,10 +130,16 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
     if max_memory and device_map is None:  # a budget only acts through accelerate's placement
         device_map = "auto"
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     config = load_config(model, trust_remote_code)
     _check_causal(config, model)
     qc = getattr(config, "quantization_config", None)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if qc and kind != "gguf":  # a quantized checkpoint
+        from .quantize import _silence_bnb
+
+        _silence_bnb()  # "inputs will be cast to float16" on every forward: the documented W8A8 path
+        if dtype == "auto":  # what stock from_pretrained runs the non-int8 tensors in
+            torch_dtype = _config_dtype(config) or torch_dtype
     kw: dict[str, Any] = dict(src, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map is not None:
         kw.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
@@ -156,6 +163,23 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
     return m, tok
 
 
+def _config_dtype(config) -> torch.dtype | None:
+    d = getattr(config, "dtype", None)
+    return _DTYPES.get(d.removeprefix("torch.")) if isinstance(d, str) else d if isinstance(d, torch.dtype) else None
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of `model` alone (no weights), with the loader's errors."""
+    from transformers import AutoTokenizer
+
+    src = _source(model)
+    src.pop("kind")
+    try:
+        return AutoTokenizer.from_pretrained(**src, trust_remote_code=trust_remote_code)
+    except Exception as e:  # as in load()
+        raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
+
+
 def check_seq_len(model, seq_len: int, what: str) -> None:
     """ConfigError if windows of `seq_len` tokens exceed the model's `max_position_embeddings`."""
     config = getattr(model, "config", None)
@@ -168,13 +192,3 @@ def check_seq_len(model, seq_len: int, what: str) -> None:
 def is_quantized(model) -> bool:
     qc = getattr(model.config, "quantization_config", None)
     return bool(qc)
-
-
-def base_model_id(model: str) -> str:
-    """What the model card calls the base model: the Hub id when known, else the path."""
-    if model == OFFLINE_MODEL:
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    p = Path(model)
-    if p.is_dir() and (p / "llmq_report.json").is_file():
-        return json.loads((p / "llmq_report.json").read_text()).get("base_model", model)
-    return model

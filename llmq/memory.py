@@ -95,3 +95,22 @@ class PeakMemory:
             self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         else:
             self.peak_bytes = _status_bytes("VmHWM")
+
+
+def release() -> None:
+    """Return freed memory to the system after dropping a model: collect cycles, hand the freed heap back
+    (glibc keeps freed blocks, which would stay in the resident set and in the next model's peak), empty the
+    CUDA cache."""
+    import ctypes
+    import ctypes.util
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            log.debug("malloc_trim is not available here")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -14,8 +14,9 @@ from .calibrate import CalibrationStats, calibrate, load_act_scales, save_act_sc
 from .config import Recipe
 from .data import calibration_windows, load_text, tokenize
 from .errors import ConfigError
-from .load import base_model_id, check_seq_len, load
+from .load import check_seq_len, load
 from .memory import PeakMemory
+from .provenance import provenance, public_recipe
 from .quantize import check_finite_weights, check_fp16_range, quantize_
 from .save import atomic_dir, check_output, save_checkpoint, write_json
 from .storage import to_storage_dtype_
@@ -102,7 +103,7 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
 
     Returns the report (also written to out/llmq_report.json).
     """
-    from .evaluate import evaluate as evaluate_model
+    from .compare import evaluate_quantized
     from .smooth import smooth_targets
 
     dest = check_output(out, overwrite)  # fail in the first second, not after calibration
@@ -126,8 +127,7 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
         smooth_targets(model, recipe.smoothing.groups)  # unsupported architecture: fail before calibrating
         if calibrating:
             windows = _calibration_windows(tok, recipe, cal_text)
-    report: dict[str, Any] = {"llmq_version": __version__, "base_model": base_model_id(recipe.model),
-                              "license": _license(recipe.model), "command": command, "versions": versions()}
+    report: dict[str, Any] = {"llmq_version": __version__, **provenance(recipe, command), "versions": versions()}
     with atomic_dir(dest, overwrite) as tmp:
         t0 = time.perf_counter()
         with PeakMemory(next(model.parameters()).device) as pm:
@@ -139,26 +139,15 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
         save_checkpoint(model, tok, tmp)
         if stats is not None:
             save_act_scales(stats, tmp / "act_scales.safetensors")
-        (tmp / "llmq_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        (tmp / "llmq_recipe.yaml").write_text(public_recipe(recipe).to_yaml(), encoding="utf-8")
         report["evaluation"] = None
         if evaluate:
             log.info("checkpoint written to %s; evaluating FP vs INT8 on %s", tmp, recipe.evaluation.data)
-            fp, _ = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
-                         trust_remote_code=recipe.trust_remote_code)
-            r_fp = evaluate_model(fp, tok, recipe.evaluation, progress=progress)
-            r_q = evaluate_model(model, tok, recipe.evaluation, reference=fp, reference_name="fp",
-                                 progress=progress)
-            report["evaluation"] = {"fp": r_fp.to_dict(), "int8": r_q.to_dict()}
-            del fp
+            del model  # each model alone in memory: FP, then the INT8 checkpoint as stock reload gives it
+            report["evaluation"] = evaluate_quantized(recipe, tmp, tok, progress=progress)
         write_json(tmp / "llmq_report.json", report)
         from .hub import write_card
 
         write_card(tmp, recipe.push.repo_id)
     log.info("wrote %s", dest)
     return report
-
-
-def _license(model: str) -> str | None:
-    from .config import OFFLINE_MODEL
-
-    return "apache-2.0" if model == OFFLINE_MODEL else None

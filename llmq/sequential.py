@@ -595,9 +595,10 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     from .calibrate import CalibrationStats, load_act_scales, save_act_scales
     from .card import write_card
     from .data import load_text
-    from .load import _source, base_model_id, check_seq_len, resolve_device, resolve_dtype
+    from .load import _source, check_seq_len, resolve_device, resolve_dtype
     from .memory import PeakMemory
-    from .pipeline import _calibration_windows, _license, versions
+    from .pipeline import _calibration_windows, versions
+    from .provenance import provenance, public_recipe
     from .quantize import linear_names
     from .save import atomic_dir, check_output, write_json
     from .smooth import smooth_targets
@@ -629,8 +630,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         windows = windows if collect else windows[:1]
     store = torch.device("cpu") if _offload_hidden(recipe, device, max_memory) else device
     n_params = model.num_parameters()
-    report: dict[str, Any] = {"llmq_version": __version__, "base_model": base_model_id(recipe.model),
-                              "license": _license(recipe.model), "command": command, "versions": versions(),
+    report: dict[str, Any] = {"llmq_version": __version__, **provenance(recipe, command), "versions": versions(),
                               "method": q.method, "threshold": q.effective_threshold, "skip": list(q.skip),
                               "alpha": None, "alphas": None, "calibration": None}
     with atomic_dir(dest, overwrite) as tmp:
@@ -678,7 +678,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         _save_config(model, recipe, job.storage, src, tmp)
         if stats is not None:
             save_act_scales(stats, tmp / "act_scales.safetensors")
-        (tmp / "llmq_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        (tmp / "llmq_recipe.yaml").write_text(public_recipe(recipe).to_yaml(), encoding="utf-8")
         report["evaluation"] = None
         write_json(tmp / "llmq_report.json", report)
         write_card(tmp, recipe.push.repo_id)
