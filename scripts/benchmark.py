@@ -13,7 +13,8 @@ reruns). Then `<out-dir>/bench-<model>.json` (every number), `<out-dir>/bench-<m
 
 The FP32 row stores its logits per evaluation window in the work folder; later rows replay them as the
 FP32 reference for KL / top-1 (the same numbers as running the FP32 model again, at no cost), and fall
-back to the live FP32 model when the store is missing.
+back to the live FP32 model when the store is missing. A row loads the FP32 model (for speed ratios) only
+after its evaluation, so the peak memory it reports is its own model's (unless it had to fall back).
 """
 
 from __future__ import annotations
@@ -232,20 +233,26 @@ def _half(cfg: dict[str, Any]) -> str:
     return "float16" if resolve_device(cfg["device"]).type == "cuda" else "bfloat16"
 
 
-def _common(out: dict[str, Any], model, tok, fp, cfg: dict[str, Any], work: Path, progress: bool) -> None:
-    """Checkpoint bytes, full evaluation vs the FP32 reference, and the interleaved speed measurement."""
+def _common(out: dict[str, Any], model, tok, fp, cfg: dict[str, Any], work: Path, progress: bool):
+    """Checkpoint bytes, full evaluation vs the FP32 reference, and the interleaved speed measurement.
+    `fp`: the FP32 model, or a function loading it, called after the evaluation (so the row's peak memory is
+    its model's alone) unless the fp32 row's stored logits are missing. Returns the FP32 model."""
     from llmq.config import Evaluation
     from llmq.evaluate import evaluate  # not llmq.evaluate: once imported, that name is the submodule
 
-    out.update(checkpoint_stats(model, tok))
-    out["fp16_bytes"] = 2 * sum(p.numel() for p in fp.parameters())
     ev_cfg = Evaluation(**cfg["evaluation"])
-    ref = None if model is fp else reference(work, cfg, fp)
+    ref = None if model is fp else reference(work, cfg, None)
+    if ref is None and model is not fp:  # no stored FP32 logits: the live FP32 model, resident beside the row's
+        fp = ref = fp() if callable(fp) else fp
     out["reference"] = None if ref is None else ("replayed fp32 logits" if isinstance(ref, Replay) else "fp32")
     ev = evaluate(model, tok, ev_cfg, reference=ref, reference_name="fp32", progress=progress)
+    fp = fp() if callable(fp) else fp
+    out.update(checkpoint_stats(model, tok))
+    out["fp16_bytes"] = 2 * sum(p.numel() for p in fp.parameters())
     out["eval"] = ev.to_dict()
     ids = _eval_ids(tok, cfg, ev_cfg.max_tokens)
     out["speed"] = speed(model, fp, ids, ev_cfg.seq_len, cfg["timing"]["speed_windows"])
+    return fp
 
 
 def row_fp(row: dict[str, Any], cfg: dict[str, Any], model_id: str, work: Path, progress: bool) -> dict:
@@ -255,7 +262,7 @@ def row_fp(row: dict[str, Any], cfg: dict[str, Any], model_id: str, work: Path, 
     t0 = time.perf_counter()
     m, tok = load(model_id, dtype=dtype, device=cfg["device"])
     out: dict[str, Any] = {"dtype": dtype, "load_seconds": time.perf_counter() - t0}
-    fp = m if dtype == "float32" else load(model_id, dtype="float32", device=cfg["device"])[0]
+    fp = m if dtype == "float32" else (lambda: load(model_id, dtype="float32", device=cfg["device"])[0])
     _common(out, m, tok, fp, cfg, work, progress)
     if dtype == "float32":  # the bare loop over every evaluation window; its logits become the reference
         ev = cfg["evaluation"]
@@ -312,9 +319,8 @@ def row_llmq(row: dict[str, Any], cfg: dict[str, Any], model_id: str, work: Path
                        "alpha": report["alpha"], "threshold": report["threshold"],
                        "mean_alpha": statistics.mean(alphas.values()) if alphas else None,
                        "alphas": alphas}
-    fp, _ = load(model_id, dtype="float32", device=recipe.device)
+    fp = _common(out, m, tok, lambda: load(model_id, dtype="float32", device=recipe.device)[0], cfg, work, progress)
     out["fp_calibration_forward"] = fp_calibration_forward(fp, cal_windows, cfg["timing"]["calib_forward_windows"])
-    _common(out, m, tok, fp, cfg, work, progress)
     return out
 
 
@@ -362,10 +368,9 @@ def row_peer(row: dict[str, Any], cfg: dict[str, Any], model_id: str, work: Path
     out: dict[str, Any] = {"folder": folder, "quantization_config": qc.to_dict(),
                            "quantize": {"seconds": seconds, **_peak(pm), "includes_loading": True,
                                         "threshold": qc.llm_int8_threshold}}
-    fp, _ = load(model_id, dtype="float32", device=cfg["device"])
+    fp = _common(out, m, tok, lambda: load(model_id, dtype="float32", device=cfg["device"])[0], cfg, work, progress)
     cal_windows = _calib_windows(tok, cfg["calibration"])
     out["fp_calibration_forward"] = fp_calibration_forward(fp, cal_windows, cfg["timing"]["calib_forward_windows"])
-    _common(out, m, tok, fp, cfg, work, progress)
     return out
 
 

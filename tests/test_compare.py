@@ -97,3 +97,23 @@ def test_no_temporary_space_is_a_user_error(monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
     with ReferenceLogits(total_rows=20_000) as store, pytest.raises(OutputError, match="set TMPDIR"):
         store.append(0, torch.arange(3), torch.zeros(2, 49152))
+
+
+@pytest.mark.slow
+def test_smollm2_checkpoint_size_and_eval_memory(tmp_path, smol_folder):
+    """Issue 12's bars on the real model: the W8A8 checkpoint is at most 0.60x the fp16 one (the tied
+    49152 x 576 embedding is 16-bit), and `quantize --eval` measures INT8 below FP in peak memory."""
+    from safetensors import safe_open
+
+    import llmq
+
+    with safe_open(str(smol_folder / "model.safetensors"), "pt") as f:
+        fp16_bytes = 2 * sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+    recipe = Recipe(smoothing=Smoothing(alpha=0.0)).override(
+        {"calibration.samples": 2, "evaluation.seq_len": 512, "evaluation.max_tokens": 1024})
+    rep = llmq.run(recipe, tmp_path / "q", evaluate=True, progress=False)
+    ratio = (tmp_path / "q" / "model.safetensors").stat().st_size / fp16_bytes
+    assert ratio <= 0.60, ratio
+    fp, q = rep["evaluation"]["fp"], rep["evaluation"]["int8"]
+    assert q["dtype"] == "bfloat16+int8" and q["kl_divergence"] < 0.1
+    assert q["peak_memory_bytes"] <= fp["peak_memory_bytes"], (q["peak_memory_bytes"], fp["peak_memory_bytes"])
