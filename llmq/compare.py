@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -42,7 +43,11 @@ class ReferenceLogits:
         self.folder = Path(folder or tempfile.gettempdir())
         self.vocab: int | None = None
         self.dtype: torch.dtype | None = None
-        self._file = tempfile.TemporaryFile(dir=self.folder)
+        try:
+            self._file = tempfile.TemporaryFile(dir=self.folder)
+        except OSError as e:
+            raise OutputError(f"cannot create a temporary file in {str(self.folder)!r} for the reference's logits "
+                              f"({e.strerror or e}); set TMPDIR to a writable folder") from None
         self._index: list[tuple[int, int, torch.Tensor]] = []  # (offset, rows, token ids) per window
         self._buf: torch.Tensor | None = None
 
@@ -118,23 +123,22 @@ def evaluate_pair(model: str, reference: str, cfg: Evaluation, *, tokenizer: Any
     model_kw, reference_kw = dict(model_kw or {}), dict(reference_kw or {})
     m_cfg = load_config(model, bool(model_kw.get("trust_remote_code")))
     r_cfg = load_config(reference, bool(reference_kw.get("trust_remote_code")))
-    _check_vocab(*(getattr(c.get_text_config(), "vocab_size", None) for c in (m_cfg, r_cfg)))  # before any weights
+    for c in (m_cfg, r_cfg):  # before any weights load
+        check_seq_len(SimpleNamespace(config=c), cfg.seq_len + cfg.bos, "evaluation.seq_len (--seq-len)")
+    _check_vocab(*(getattr(c.get_text_config(), "vocab_size", None) for c in (m_cfg, r_cfg)))
     if getattr(m_cfg, "quantization_config", None):
         import bitsandbytes  # noqa: F401  (imported before either peak: library code is in neither model's)
     if tokenizer is None:
         tokenizer = load_tokenizer(model, bool(model_kw.get("trust_remote_code")))
     ids, bos_id = eval_ids(tokenizer, cfg)
-    what = "evaluation.seq_len (--seq-len)"
     ref, _ = load(reference, **reference_kw)
-    check_seq_len(ref, cfg.seq_len + cfg.bos, what)
-    with ReferenceLogits(_scored_rows(ids[:cfg.max_tokens], cfg, cfg.bos)) as store:
+    with ReferenceLogits(_scored_rows(ids, cfg, cfg.bos)) as store:
         log.info("evaluating the reference %s alone (its logits go to a temporary file)", reference)
         r_ref = evaluate_ids(ref, ids, cfg.seq_len, bos_id=bos_id, record=store, progress=progress,
                              max_tokens=cfg.max_tokens, data=cfg.data)
         del ref
         release()
         m, _ = load(model, **model_kw)
-        check_seq_len(m, cfg.seq_len + cfg.bos, what)
         _check_vocab(_vocab_size(m), store.vocab)
         log.info("evaluating %s alone against the stored reference logits", model)
         r = evaluate_ids(m, ids, cfg.seq_len, bos_id=bos_id, reference=store, progress=progress,
