@@ -8,7 +8,8 @@ the one measured would put its weights into that model's peak memory. So `evalua
    logits, in the dtype the reference produced them, are appended to an anonymous temporary file (deleted
    even on a crash);
 2. the reference is freed (and the freed heap returned to the OS), the model is loaded and evaluated; each
-   window's reference logits are read back `evaluate._ROWS` rows at a time into one reused buffer.
+   window's reference logits are read back a few rows at a time (`evaluate._CHUNK_ELEMENTS`) into one
+   reused buffer.
 
 The file is written and read with plain `write`/`readinto`, never memory-mapped: mapped pages would count in
 this process's resident set, while the page cache of an ordinary file does not. The numbers equal those of

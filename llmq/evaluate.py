@@ -142,7 +142,9 @@ def protocol_text(*, n_ids: int, max_tokens: int | None, seq_len: int, windows: 
             "NLL from float32 log-softmax summed in float64.")
 
 
-_ROWS = 256  # logit rows scored at once: float32 temporaries of rows x vocab (50 MB at a 49k vocabulary)
+# logits scored at once (rows x vocab): the float32 temporaries of log-softmax and KL stay ~16 MB each, small
+# beside the model's own logits, so computing KL does not weigh on the peak memory of the model measured
+_CHUNK_ELEMENTS = 2**22
 
 
 @torch.inference_mode()
@@ -153,8 +155,8 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
 
     `reference`: a model run beside this one on each window (both resident), or a `llmq.compare.ReferenceLogits`
     that a reference's own evaluation filled (only this model resident). `record`: a ReferenceLogits that
-    receives this model's logits, window by window. Logits are scored `_ROWS` rows at a time, so the float32
-    temporaries (log-softmax, KL terms) stay small beside the logits themselves."""
+    receives this model's logits, window by window. Logits are scored `_CHUNK_ELEMENTS` at a time (whole rows),
+    so the float32 temporaries (log-softmax, KL terms) stay small beside the logits themselves."""
     from tqdm.auto import tqdm
 
     from .data import eval_windows
@@ -199,8 +201,9 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
                 _check_finite(ref_logits, i, "reference")
             elif reference is not None:
                 reference.check(i, x, logits.shape[-1])
-            for a in range(0, target.numel(), _ROWS):
-                rows = slice(a, a + _ROWS)
+            step = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+            for a in range(0, target.numel(), step):
+                rows = slice(a, a + step)
                 if reference is None:
                     nll += _nll(logits[rows], target[rows], i)
                     continue

