@@ -95,7 +95,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     recipe_text = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
     method = str(rep.get("method") or "unknown")
     meta: dict[str, Any] = {}
-    base = public_path(rep.get("base_model"))  # reports written before llmq 0.2 could hold a local path
+    base = public_path(rep.get("base_model"))  # older reports could hold a local path
     if is_hub_id(base):
         meta.update(base_model=base, base_model_relation="quantized")
     meta.update(library_name="transformers", pipeline_tag="text-generation")

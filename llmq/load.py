@@ -165,7 +165,9 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
 
 def _config_dtype(config) -> torch.dtype | None:
     d = getattr(config, "dtype", None)
-    return _DTYPES.get(d.removeprefix("torch.")) if isinstance(d, str) else d if isinstance(d, torch.dtype) else None
+    if isinstance(d, str):
+        return _DTYPES.get(d.removeprefix("torch."))
+    return d if isinstance(d, torch.dtype) else None
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
