@@ -5,7 +5,7 @@ Large models: pass `device_map="auto"` and `max_memory` (accelerate places layer
 checkpoints cannot be offloaded to CPU/disk by transformers: they must fit the GPUs given.
 `trust_remote_code` stays off unless the caller asks for it. `dtype="auto"` is, for a quantized checkpoint,
 the dtype its config.json records (what stock from_pretrained runs its non-int8 tensors in), else float32 on
-CPU and float16 on CUDA.
+CPU and float16 on CUDA; another `dtype` casts a quantized checkpoint's non-int8 tensors to it.
 """
 
 from __future__ import annotations
@@ -154,6 +154,12 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
         m.hf_quantizer = None
         if hasattr(m.config, "quantization_config"):
             del m.config.quantization_config
+    if qc and kind != "gguf" and dtype != "auto":
+        # stock from_pretrained keeps a quantized checkpoint's float tensors in their stored dtype whatever
+        # `dtype` says (transformers 5): cast them, so --dtype selects the run dtype of the non-int8 parts
+        from .storage import cast_unquantized_
+
+        cast_unquantized_(m, torch_dtype)
     if device_map is None and dev.type == "cpu":
         m.to(dev)
     m.eval()

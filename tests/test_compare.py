@@ -56,6 +56,15 @@ def test_pair_equals_side_by_side(pair, monkeypatch):
     assert r.top1_agreement == side.top1_agreement
 
 
+def test_run_dtype_of_the_non_int8_parts_is_selectable(pair):
+    from llmq.load import load
+
+    q, _, _ = pair
+    for dtype, want in (("auto", torch.bfloat16), ("float32", torch.float32), ("float16", torch.float16)):
+        m, _ = load(str(q), dtype=dtype, device="cpu")
+        assert {p.dtype for p in m.parameters()} == {want, torch.int8}, dtype
+
+
 def test_reference_is_freed_before_the_model_loads(pair, monkeypatch):
     loader = importlib.import_module("llmq.load")
     q, fp, text = pair
