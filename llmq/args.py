@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .config import DTYPES, METHODS, OFFLINE_MODEL, OFFLINE_TEXT, Recipe, parse_set
+from .config import DTYPES, METHODS, OFFLINE_MODEL, OFFLINE_TEXT, STORAGE_DTYPES, Recipe, parse_set
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,7 +17,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (auto: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="run dtype (auto: a quantized checkpoint's own; else fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run custom model code shipped with the checkpoint (off unless given)")
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seed", type=int, default=None)
     q.add_argument("--act-scales", default=None, help="reuse an act_scales.safetensors (skips calibration)")
     q.add_argument("--skip", action="append", default=None, help="module name not to quantize (repeatable)")
+    q.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None,
+                   help="dtype of the non-int8 tensors saved and run (auto: bfloat16, or the --dtype if 16-bit)")
+    q.add_argument("--base-model", default=None, metavar="ID", help="Hub id the model card names as base_model")
     q.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
                    help="round weights to nearest (bitsandbytes' own) instead of GPTQ's error-compensated rounding")
     q.add_argument("--max-kl", type=float, default=None, metavar="X",
@@ -114,6 +118,7 @@ def recipe_from_args(a: argparse.Namespace) -> Recipe:
         "model": a.model, "dtype": a.dtype, "device": a.device, "trust_remote_code": a.trust_remote_code,
         "quantization.method": a.method, "quantization.threshold": a.threshold,
         "quantization.skip": a.skip, "quantization.max_kl": a.max_kl, "quantization.gptq": a.gptq,
+        "quantization.storage_dtype": a.storage_dtype, "base_model": a.base_model,
         "smoothing.alpha": a.alpha,
         "calibration.source": a.calib, "calibration.samples": a.calib_samples,
         "calibration.seq_len": a.calib_seq_len, "calibration.seed": a.calib_seed,

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .provenance import public_path
 from .report import REPORT, CalibrationInfo, Report, read_report  # noqa: F401  (REPORT re-exported)
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ HUB_DATASETS = {"wikitext2": "wikitext", "wikitext": "wikitext", "wikitext-2": "
                 "c4": "allenai/c4", "pile-val": "mit-han-lab/pile-val-backup",
                 "pileval": "mit-han-lab/pile-val-backup"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_FILE_EXT = re.compile(r"(?:\.(?:gguf|safetensors|bin|pt|pth|ckpt|onnx))+$", re.IGNORECASE)
+_GGUF_TYPE = re.compile(r"[.-](?:I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)  # e.g. .Q4_1 (dequantized anyway)
 _SECRET = re.compile(r"\bhf_[A-Za-z0-9]{30,}|(?i:(?<=bearer )\S+)")  # HF tokens: hf_ + 34 chars
 _TITLE = {"smoothquant": "SmoothQuant W8A8", "llm-int8": "LLM.int8()", "weight-only": "weight-only W8A16"}
 _METHOD = {
@@ -58,6 +61,12 @@ def is_hub_id(name: str | None) -> bool:
     return not Path(name).expanduser().exists()
 
 
+def repo_name(name: str) -> str:
+    """A Hub repository name from a model's file or folder name: no path, no file extension, no GGUF type."""
+    stem = _GGUF_TYPE.sub("", _FILE_EXT.sub("", Path(name).name))
+    return re.sub(r"[^\w.-]+", "-", stem).strip(".-") or "model"
+
+
 def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     """README.md text for an llmq output folder: Hub YAML front matter + method, alpha, calibration,
     evaluation (FP vs INT8), loading snippet, versions and the reproducing command."""
@@ -69,7 +78,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     recipe_text = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
     method = rep.method
     meta: dict[str, Any] = {}
-    base = rep.base_model
+    base = public_path(rep.base_model)  # older reports could hold a local path
     if is_hub_id(base):
         meta.update(base_model=base, base_model_relation="quantized")
     meta.update(library_name="transformers", pipeline_tag="text-generation")
@@ -79,7 +88,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     ds = _calib_dataset(rep.calibration)
     if ds:
         meta["datasets"] = [ds]
-    name = base if is_hub_id(base) else Path(str(base or folder.name)).name
+    name = base if is_hub_id(base) else repo_name(str(base or folder.name))
     parts = ["---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",
              f"# {name} · INT8 ({_TITLE.get(method, method)})",
              f"`{base or 'a causal LM'}` quantized to 8-bit with [llmq](https://pypi.org/project/llmq/)"

@@ -52,9 +52,10 @@ def cmd_fetch(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from .compare import evaluate_pair
     from .config import Evaluation
     from .data import load_text
-    from .evaluate import check_same_vocab, evaluate, format_table
+    from .evaluate import evaluate, format_table
     from .load import load
     from .save import check_output_file
 
@@ -68,24 +69,25 @@ def cmd_eval(a) -> int:
         check_output_file(a.json_path)
     load_text(cfg.data, "evaluation")  # bad data fails before loading models
     kw = dict(dtype=a.dtype or "auto", device=a.device or "auto", trust_remote_code=bool(a.trust_remote_code))
-    model, tok = load(a.model, device_map=a.device_map, max_memory=_max_memory(a.max_memory),
-                      offload_folder=a.offload_folder, **kw)
-    results = {}
-    ref = None
-    if a.reference:
-        ref, _ = load(a.reference, **kw)
-        check_same_vocab(model, ref)
-        results["reference"] = evaluate(ref, tok, cfg, progress=a.progress)
-    results["model"] = evaluate(model, tok, cfg, reference=ref, reference_name=a.reference, progress=a.progress)
+    model_kw = dict(kw, device_map=a.device_map, max_memory=_max_memory(a.max_memory), offload_folder=a.offload_folder)
+    if a.reference:  # the reference first, then the model, each alone in memory (llmq/compare.py)
+        r, r_ref = evaluate_pair(a.model, a.reference, cfg, model_kw=model_kw, reference_kw=kw,
+                                 reference_name=a.reference, progress=a.progress)
+        results = {"reference": r_ref, "model": r}
+    else:
+        model, tok = load(a.model, **model_kw)
+        results = {"model": evaluate(model, tok, cfg, progress=a.progress)}
     print(format_table(results))
     print(results["model"].protocol)
     data = results["model"].to_dict()
-    if ref is not None:
+    if a.reference:
         data["reference_result"] = results["reference"].to_dict()
-    if a.decode:
+    if a.decode:  # timed interleaved: here both models are in memory together (evaluate_pair freed them)
         from .speed import decode_report, format_decode
 
-        dref = ref if ref is not None or not a.reference else load(a.reference, **kw)[0]
+        if a.reference:
+            model, tok = load(a.model, **model_kw)
+        dref = load(a.reference, **kw)[0] if a.reference else None
         dec, note = decode_report(model, tok, dcfg, reference=dref, progress=a.progress)
         print(format_decode(dec))
         print(dec["model"].protocol)

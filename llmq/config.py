@@ -6,7 +6,7 @@ A recipe file looks like (every section and key optional)::
     dtype: float32
     calibration: {source: "llmq:wiki", samples: 32, seq_len: 512, seed: 0}
     smoothing: {alpha: auto, groups: [attn, mlp, v_o, up_down]}
-    quantization: {method: smoothquant, skip: [lm_head]}
+    quantization: {method: smoothquant, skip: [lm_head], storage_dtype: auto}
     evaluation: {data: "llmq:wiki", seq_len: 1024, max_tokens: 20480}
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -23,10 +24,14 @@ from .errors import ConfigError
 METHODS = ("smoothquant", "llm-int8", "weight-only")
 GROUPS = ("attn", "mlp", "v_o", "up_down")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Dtype of the tensors that stay float in a quantized checkpoint (embeddings, norms, lm_head, biases): see
+# llmq/storage.py. auto = the run dtype when it is 16-bit, else bfloat16.
+STORAGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_THRESHOLD = {"smoothquant": 0.0, "llm-int8": 6.0, "weight-only": 1e-6}
 # Offline assets that arrive through PyPI (see llmq/assets.py).
 OFFLINE_MODEL = "llmq:smollm2"
 OFFLINE_TEXT = "llmq:wiki"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def offline() -> bool:
@@ -101,11 +106,14 @@ class Quantization:
     skip: tuple[str, ...] = ("lm_head",)
     max_kl: float | None = None  # keep the most sensitive linears in 16-bit until the held-out KL is <= this
     gptq: bool = True  # error-compensated int8 weights (GPTQ with input Hessians from calibration); False: RTN
+    storage_dtype: str = "auto"  # of everything not int8; what stock from_pretrained runs it in (llmq/storage.py)
 
     def __post_init__(self) -> None:
         _check(self.max_kl is None or (math.isfinite(self.max_kl) and self.max_kl > 0),
                f"quantization.max_kl (--max-kl) must be a positive number, got {self.max_kl}")
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        _check(self.storage_dtype in STORAGE_DTYPES, f"quantization.storage_dtype (--storage-dtype) must be one "
+               f"of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         if self.threshold is not None:
             t = float(self.threshold)
             _check(math.isfinite(t) and t >= 0, f"quantization.threshold must be >= 0, got {self.threshold}")
@@ -151,6 +159,7 @@ class Recipe:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    base_model: str | None = None  # Hub id for the card's base_model; None: found from the model (llmq/provenance.py)
     calibration: Calibration = field(default_factory=Calibration)
     smoothing: Smoothing = field(default_factory=Smoothing)
     quantization: Quantization = field(default_factory=Quantization)
@@ -161,6 +170,8 @@ class Recipe:
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        _check(self.base_model is None or bool(_HUB_ID.match(self.base_model)),
+               f"base_model (--base-model) must be a Hub id like 'org/name', got {self.base_model!r}")
 
     # --- dict / YAML -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

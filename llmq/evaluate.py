@@ -142,11 +142,21 @@ def protocol_text(*, n_ids: int, max_tokens: int | None, seq_len: int, windows: 
             "NLL from float32 log-softmax summed in float64.")
 
 
+# logits scored at once (rows x vocab): the float32 temporaries of log-softmax and KL stay ~16 MB each, small
+# beside the model's own logits, so computing KL does not weigh on the peak memory of the model measured
+_CHUNK_ELEMENTS = 2**22
+
+
 @torch.inference_mode()
 def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos_id: int | None = None,
-                 reference: torch.nn.Module | None = None, progress: bool = True,
+                 reference: Any = None, record: Any = None, progress: bool = True,
                  max_tokens: int | None = None, data: str | None = None) -> EvalResult:
-    """Score 1-D token `ids` with the protocol in this module's docstring (BOS prepended if `bos_id`)."""
+    """Score 1-D token `ids` with the protocol in this module's docstring (BOS prepended if `bos_id`).
+
+    `reference`: a model run beside this one on each window (both resident), or a `llmq.compare.ReferenceLogits`
+    that a reference's own evaluation filled (only this model resident). `record`: a ReferenceLogits that
+    receives this model's logits, window by window. Logits are scored `_CHUNK_ELEMENTS` at a time (whole rows),
+    so the float32 temporaries (log-softmax, KL terms) stay small beside the logits themselves."""
     from tqdm.auto import tqdm
 
     from .data import eval_windows
@@ -157,10 +167,11 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
     windows = eval_windows(ids, seq_len)
     if model.training:
         log.warning("evaluating a model in training mode (dropout active); call model.eval() first")
-    if reference is not None:
+    live = isinstance(reference, torch.nn.Module)
+    if live:
         check_same_vocab(model, reference)
     device = input_device(model)
-    ref_device = input_device(reference) if reference is not None else None
+    ref_device = input_device(reference) if live else None
     bos = torch.tensor([bos_id], dtype=torch.long) if bos_id is not None else None
 
     nll = 0.0
@@ -182,19 +193,28 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
             target = x_dev[1:].to(logits.device)
             scored += target.numel()
             fed += x.numel()
-            if reference is None:
-                nll += _nll(logits, target, i)
-                continue
-            logp = F.log_softmax(logits.float(), dim=-1)
-            del logits
-            nll += _nll(logp, target, i, normalized=True)
-            ref_logits = reference(x.to(ref_device)[None], use_cache=False).logits[0, :-1]
-            _check_finite(ref_logits, i, "reference")
-            ref_logp = F.log_softmax(ref_logits.to(logp.device).float(), dim=-1)
-            del ref_logits
-            kl += F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(dtype=torch.float64).item()
-            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
-            del logp, ref_logp
+            if record is not None:
+                record.append(i, x, logits)
+            ref_logits = None
+            if live:
+                ref_logits = reference(x.to(ref_device)[None], use_cache=False).logits[0, :-1]
+                _check_finite(ref_logits, i, "reference")
+            elif reference is not None:
+                reference.check(i, x, logits.shape[-1])
+            step = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+            for a in range(0, target.numel(), step):
+                rows = slice(a, a + step)
+                if reference is None:
+                    nll += _nll(logits[rows], target[rows], i)
+                    continue
+                logp = F.log_softmax(logits[rows].float(), dim=-1)
+                nll += _nll(logp, target[rows], i, normalized=True)
+                ref = ref_logits[rows] if live else reference.rows(i, a, a + logp.shape[0])
+                ref_logp = F.log_softmax(ref.to(logp.device).float(), dim=-1)
+                kl += F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(dtype=torch.float64).item()
+                agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
+                del logp, ref_logp, ref
+            del logits, ref_logits
 
     mean_nll = nll / scored
     return EvalResult(
@@ -212,10 +232,8 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
     )
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
-             reference: torch.nn.Module | None = None, reference_name: str | None = None,
-             progress: bool = True) -> EvalResult:
-    """Load `cfg.data`, tokenize it and score it with `evaluate_ids`."""
+def eval_ids(tokenizer: Any, cfg: Evaluation) -> tuple[torch.Tensor, int | None]:
+    """The token ids `cfg` evaluates (first `cfg.max_tokens` of `cfg.data`) and the BOS id if `cfg.bos`."""
     from .data import load_text, tokenize
 
     bos_id = None
@@ -223,13 +241,21 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos_id is None:
             raise ConfigError("evaluation.bos is true but the tokenizer has no bos_token_id; set bos: false")
+    text = load_text(cfg.data, purpose="evaluation")
+    return tokenize(tokenizer, text, max_tokens=cfg.max_tokens), bos_id
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
+             reference: torch.nn.Module | None = None, reference_name: str | None = None,
+             progress: bool = True) -> EvalResult:
+    """Load `cfg.data`, tokenize it and score it with `evaluate_ids` (a `reference` model stays resident
+    beside `model`; llmq.compare.evaluate_pair evaluates them one at a time)."""
     from .load import check_seq_len
 
     for m in (model, reference):
         if m is not None:
             check_seq_len(m, cfg.seq_len + cfg.bos, "evaluation.seq_len (--seq-len)")
-    text = load_text(cfg.data, purpose="evaluation")
-    ids = tokenize(tokenizer, text, max_tokens=cfg.max_tokens)
+    ids, bos_id = eval_ids(tokenizer, cfg)
     result = evaluate_ids(model, ids, cfg.seq_len, bos_id=bos_id, reference=reference, progress=progress,
                           max_tokens=cfg.max_tokens, data=cfg.data)
     if reference is not None:

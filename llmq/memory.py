@@ -109,3 +109,15 @@ def trim_heap() -> None:
             ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
             log.debug("malloc_trim is not available here")
+
+
+def release() -> None:
+    """Return freed memory to the system after dropping a model: collect cycles, hand the freed heap back
+    (glibc keeps freed blocks, which would stay in the resident set and in the next model's peak), empty the
+    CUDA cache."""
+    import gc
+
+    gc.collect()
+    trim_heap()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

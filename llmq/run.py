@@ -23,13 +23,14 @@ from .config import Recipe
 from .data import calibration_set, load_text
 from .errors import ConfigError
 from .layers import catch_inputs, quantize_layers_
-from .load import base_model_id, check_seq_len, load, load_config
+from .load import check_seq_len, load, load_config
 from .memory import PeakMemory
 from .quantize import linear_names, mark_quantized_, replace_linears_
 from .report import CalibrationInfo, QuantizeInfo, Report
 from .save import atomic_dir, check_output, save_checkpoint
 from .smooth import smooth_targets
 from .stage import BlockResult, check_scales, full_pass, needs_windows, quantize_block_
+from .storage import to_storage_dtype_
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,11 @@ def block_report(recipe: Recipe, res: BlockResult) -> Report:
 
 def stamp_(report: Report, recipe: Recipe, command: str) -> Report:
     """Fill in where the run came from and with which versions."""
-    report.llmq_version, report.base_model = __version__, base_model_id(recipe.model)
-    from .assets import MODELS
+    from .provenance import provenance
 
-    report.license = MODELS[recipe.model].license if recipe.model in MODELS else None
-    report.command, report.versions = command, versions()
+    prov = provenance(recipe, command)
+    report.llmq_version, report.versions = __version__, versions()
+    report.base_model, report.license, report.command = prov["base_model"], prov["license"], prov["command"]
     return report
 
 
@@ -96,7 +97,9 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
 
     if stats is not None:
         save_act_scales(stats, tmp / "act_scales.safetensors")
-    (tmp / "llmq_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    from .provenance import public_recipe
+
+    (tmp / "llmq_recipe.yaml").write_text(public_recipe(recipe).to_yaml(), encoding="utf-8")
     report.write(tmp)
     write_card(tmp, recipe.push.repo_id)
 
@@ -137,6 +140,7 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
         res = quantize_block_(model, recipe, [], qnames, ids=None,
                               check_ids=None if windows is None else windows[:1], progress=progress)
     mark_quantized_(model, q)
+    to_storage_dtype_(model, q.storage_dtype)  # what stock from_pretrained reloads; checked and evaluated as such
     return block_report(recipe, res), saved_stats(scales, res), res
 
 
@@ -207,8 +211,6 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
     """Quantize `recipe.model` into the folder `out` (atomically); optionally evaluate FP vs INT8 there.
 
     Returns the report (also written to out/llmq_report.json)."""
-    from .evaluate import evaluate as evaluate_model
-
     inputs = preflight(recipe, out, overwrite, evaluate)
     cal = recipe.calibration
     check_int8_supported(load_config(recipe.model, recipe.trust_remote_code).model_type)  # before the weights
@@ -229,14 +231,11 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
                                        pm.kind, str(device))
         save_checkpoint(model, tok, tmp)
         if evaluate:
+            from .compare import evaluate_quantized
+
             log.info("checkpoint written to %s; evaluating FP vs INT8 on %s", tmp, recipe.evaluation.data)
-            fp, _ = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
-                         trust_remote_code=recipe.trust_remote_code)
-            r_fp = evaluate_model(fp, tok, recipe.evaluation, progress=progress)
-            r_q = evaluate_model(model, tok, recipe.evaluation, reference=fp, reference_name="fp",
-                                 progress=progress)
-            report.evaluation = {"fp": r_fp.to_dict(), "int8": r_q.to_dict()}
-            del fp
+            del model  # each model alone in memory: FP, then the INT8 checkpoint as stock reload gives it
+            report.evaluation = evaluate_quantized(recipe, tmp, tok, progress=progress)
         finish_output(tmp, recipe, report, stats)
     log.info("wrote %s", inputs.dest)
     return report

@@ -2,7 +2,9 @@
 
 Everything is written into a hidden temporary folder beside the destination and renamed into place at the
 end, so an error, Ctrl-C or SIGTERM never leaves a half-written output, and an existing output is only
-replaced (with --overwrite) once the new one is complete.
+replaced (with --overwrite) once the new one is complete. Output folders are made to be shared: their files
+get the permissions a plain `open()` gives (0644 under the usual umask; safetensors writes 0600), and the
+JSON written here names no local absolute path (llmq/provenance.py).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _readable_(tmp)
         if dest.exists():
             if not overwrite:
                 raise OutputError(f"output {str(out)!r} appeared while running; not replacing it")
@@ -87,8 +90,28 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def _readable_(folder: Path) -> None:
+    """Files 0666 and folders 0777 minus the umask, as open() and mkdir() make them (mkstemp-style writers,
+    safetensors among them, leave 0600: unreadable to the other users of a shared model folder)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    """`data` as indented JSON, local absolute paths in its strings reduced to their last component."""
+    from .provenance import public
+
+    data = json.loads(json.dumps(data, default=str))  # plain JSON types first, so every string is seen
+    text = json.dumps(public(data), indent=2, sort_keys=False)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def save_checkpoint(model, tokenizer, folder: Path) -> None:

@@ -34,6 +34,7 @@ from .run import block_report, calibration_split, finish_output, preflight, save
 from .save import atomic_dir
 from .smooth import smooth_targets
 from .stage import check_scales, full_pass, needs_windows
+from .storage import cast_unquantized_, storage_dtype, stored_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class _Job:
     windows: torch.Tensor | None = None  # all calibration windows, or only window 0 for the fp16 check
     hidden: list | None = None
     extras: list | None = None
+    storage: torch.dtype = torch.float32  # of the non-int8 tensors written (llmq/storage.py)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -125,6 +127,7 @@ def _load_layer(job: _Job, i: int) -> None:
 def _unload_layer(job: _Job, i: int) -> None:
     """Stage the converted layer's tensors on disk and free it."""
     prefix = f"{job.path}.{i}."
+    cast_unquantized_(job.model, job.storage, only=prefix)
     shards.stage(job.model, job.layers[i].state_dict(prefix=prefix), job.staging / f"layer-{i:05d}.safetensors")
     job.layers[i] = nn.Module()
     trim_heap()
@@ -140,14 +143,15 @@ def _write_outside(job: _Job) -> dict[str, tuple[Path, int, int, dict]]:
     load, passthrough = [], {}
     for k, t in shards.untie(model, model.state_dict(keep_vars=True)).items():
         entry = shards.entry(*job.kmap[k]) if k in job.kmap else None
-        if entry and entry[3]["dtype"] == shards.ST_DTYPE.get(t.dtype) and not any(k.startswith(n + ".")
-                                                                                   for n in convert):
+        same = entry and entry[3]["dtype"] == shards.ST_DTYPE.get(stored_dtype(model, k, t, job.storage))
+        if same and not any(k.startswith(n + ".") for n in convert):
             passthrough[next(iter(revert_weight_conversion(model, {k: t})))] = entry
         else:
             load.append(k)
     shards.load_tensors_(model, load, job.kmap)
     check_finite_weights(model)
     replace_linears_(model, convert, job.recipe.quantization)
+    cast_unquantized_(model, job.storage)
     sd = {k: v for k, v in shards.untie(model, model.state_dict()).items() if not v.is_meta}
     if sd:
         shards.stage(model, sd, job.staging / "rest.safetensors")
@@ -204,7 +208,8 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         del tok, inputs.cal_text  # not needed any more: keep the peak down
         trim_heap()
         job = _Job(recipe, model, layers_path(model), shards.key_map(model, files), linear_names(model, q.skip),
-                   targets, inputs.scales, device, tmp / ".staging", windows)
+                   targets, inputs.scales, device, tmp / ".staging", windows,
+                   storage=storage_dtype(q.storage_dtype, dtype))
         missing = [n for n, _ in model.named_parameters() if n not in job.kmap]  # tied copies listed once
         if missing:
             raise ModelLoadError(f"{recipe.model!r} has no weights for {missing[:3]}: the checkpoint does not "
@@ -229,7 +234,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         shards.write_shards(staged, sorted(every, key=dot_natural_key), tmp, total_parameters=n_params,
                             max_shard_bytes=shards.MAX_SHARD_BYTES, passthrough=passthrough)
         job.staging.rmdir()
-        shards.save_config(model, bnb_quantization_config(q), dtype, src, tmp)
+        shards.save_config(model, bnb_quantization_config(q), job.storage, src, tmp)
         finish_output(tmp, recipe, report, saved_stats(inputs.scales, total))
     log.info("wrote %s (sequential, peak %.0f MB)", inputs.dest, pm.peak_bytes / 2**20)
     return report

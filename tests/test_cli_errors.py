@@ -272,6 +272,7 @@ CASES = [
     Case("flag-unknown", Q + " --alpah 0.5", "unrecognized arguments: --alpah", "--help"),
     Case("method-unknown", Q + " --method int4", "invalid choice: 'int4'", "choose from"),
     Case("dtype-unknown", Q + " --dtype float8", "invalid choice: 'float8'", "choose from"),
+    Case("storage-dtype-unknown", Q + " --storage-dtype int4", "invalid choice: 'int4'", "choose from"),
     Case("int-not-int", Q + " --calib-samples 1e3", "invalid int value: '1e3'", "--help"),
     # recipe values, from flags, --set and YAML files
     Case("alpha-negative", Q + " --alpha -1", "got '-1'", "in [0, 1] or 'auto'"),
@@ -294,6 +295,10 @@ CASES = [
     Case("recipe-bad-yaml", Q + " --recipe {recipe_syntax}", "is not valid YAML (line 2, column 1", "fix it there"),
     Case("recipe-not-mapping", Q + " --recipe {recipe_list}", "must be a mapping", "got list"),
     Case("device-unknown", Q + " --device tpu", "got 'tpu'", "auto, cpu or cuda[:N]"),
+    Case("storage-dtype-set", Q + " --set quantization.storage_dtype=fp8", "storage_dtype (--storage-dtype)",
+         "auto, bfloat16, float16, float32, got 'fp8'"),
+    Case("base-model-not-hub-id", Q + " --base-model ./my-model", "base_model (--base-model)",
+         "Hub id like 'org/name', got './my-model'"),
     Case("max-memory-syntax", Q + " --max-memory lots", "memory size 'lots' is not understood", "e.g. 24GiB"),
     Case("sequential-with-eval", Q + " --sequential --eval", "--eval needs the float and INT8 models",
          "llmq eval OUT"),

@@ -151,6 +151,48 @@ def test_saved_checkpoint_reloads_with_stock_transformers(tmp_path, method):
     assert "Linear8bitLt" in got["types"]
     assert torch.equal(got["logits"], ours), (got["logits"] - ours).abs().max()
     assert sorted(p.name for p in (tmp_path / "q").glob("*.bin")) == []
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"  # storage auto
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_storage_dtype_is_what_stock_transformers_reloads(tmp_path, storage):
+    """Every non-int8 tensor (the tied embedding, norms) is saved in the storage dtype, SCB stays float32,
+    config.json records the dtype, and stock from_pretrained reproduces the in-memory model bit for bit."""
+    from safetensors import safe_open
+
+    model, tok = tiny_llama(tie_word_embeddings=True), tiny_tokenizer()
+    rec = _recipe("smoothquant").override({"quantization.storage_dtype": storage})
+    quantize_model_(model, tok, rec, windows=_windows(), progress=False)
+    save_checkpoint(model, tok, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == storage
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for k, d in kinds.items() if k.endswith("SCB")} == {"F32"}
+    want = {"float32": "F32", "float16": "F16"}[storage]
+    assert {d for k, d in kinds.items() if not k.endswith(("SCB", "weight_format"))} == {"I8", want}
+    ids = [[5, 9, 33, 7, 101, 200, 17, 3]]
+    with torch.no_grad():
+        ours = model(torch.tensor(ids)).logits
+    out = tmp_path / "reload.pt"
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "q"), json.dumps(ids), str(out)], check=True)
+    assert torch.equal(torch.load(out)["logits"], ours)
+
+
+def test_storage_dtype_keeps_what_from_pretrained_keeps_in_fp32():
+    from llmq.storage import cast_unquantized_, storage_dtype
+
+    assert storage_dtype("auto", torch.float32) == torch.bfloat16
+    assert storage_dtype("auto", torch.float16) == torch.float16
+    assert storage_dtype("float32", torch.float16) == torch.float32
+    model = tiny_llama()
+    quantize_(model, Quantization(), progress=False)
+    model._keep_in_fp32_modules_strict = ["input_layernorm"]  # as e.g. MoE routers declare
+    saved = cast_unquantized_(model, torch.bfloat16)
+    kinds = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in kinds.items() if "input_layernorm" in n)
+    assert kinds["model.embed_tokens.weight"] == kinds["model.norm.weight"] == torch.bfloat16
+    assert {d for n, d in kinds.items() if "proj" in n} == {torch.int8}
+    assert saved > 0 and model.config.dtype == torch.bfloat16
 
 
 def test_int8_weights_take_one_byte(tmp_path):

@@ -146,7 +146,8 @@ def _tensors_file(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch):
+@pytest.mark.parametrize("storage", ["float32", "auto"])
+def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch, storage):
     """Never more than one decoder layer holds real weights (the others are meta or freed)."""
     import llmq.shards as shards
 
@@ -161,10 +162,12 @@ def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch):
                      not model.model.embed_tokens.weight.is_meta))
 
     monkeypatch.setattr(shards, "load_tensors_", load_)
-    run_sequential(_recipe(fp, text, "smoothquant", 0.5), tmp_path / "out", progress=False)
+    recipe = _recipe(fp, text, "smoothquant", 0.5).override({"quantization.storage_dtype": storage})
+    run_sequential(recipe, tmp_path / "out", progress=False)
     # embeddings etc. for catching the layer inputs, then one layer at a time (embeddings freed meanwhile);
-    # at the end, unchanged non-layer tensors are copied from the input file without being loaded
-    assert seen == [(0, True), (1, False), (1, False), (1, False), (0, False)]
+    # at the end, non-layer tensors stored as they are in the input (float32) are copied from the input file
+    # without being loaded; those cast to 16-bit (auto: bfloat16) are loaded to be cast
+    assert seen == [(0, True), (1, False), (1, False), (1, False), (0, storage == "auto")]
 
 
 def test_output_shards_match_save_pretrained(tmp_path):

@@ -110,20 +110,6 @@ def test_int8_with_16bit_rest_decodes_and_is_what_stock_loading_gives(method: st
     assert matching_prefix(res["int8+fp32"].generated, res["int8+fp32"].generated) == NEW
 
 
-def test_cast_float_params_is_from_pretrained_in_that_dtype(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from llmq.load import cast_float_params_
-
-    tiny_llama().save_pretrained(tmp_path)
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    cast = tiny_llama()
-    cast_float_params_(cast, torch.bfloat16)
-    ids = torch.randint(3, 256, (1, 20))
-    with torch.no_grad():
-        assert torch.equal(stock(ids).logits, cast(ids).logits)
-
-
 def test_prompt_from_text_and_too_short_text(tmp_path: Path) -> None:
     f = tmp_path / "t.txt"
     f.write_text(tiny_text(50))
