@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .card_checks import _cell, _mem, _num, checks  # the shared cell formatters
 from .provenance import public_path
 from .report import REPORT, CalibrationInfo, Report, read_report  # noqa: F401  (REPORT re-exported)
 
@@ -94,7 +95,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
              f"`{base or 'a causal LM'}` quantized to 8-bit with [llmq](https://pypi.org/project/llmq/)"
              f"{' ' + rep.llmq_version if rep.llmq_version else ''}. The weights are "
              "bitsandbytes int8 and load with stock transformers (see Usage).",
-             "## Method", _method(rep, method), *_alpha(rep, method), *_guard(rep), *_keep(rep),
+             "## Method", _method(rep, method), *_alpha(rep, method), *checks(rep),
              "## Calibration", _calibration(rep),
              "## Evaluation", *_evaluation(rep.evaluation), "## Usage", _usage(repo_id, name, method),
              "## Versions", _versions(rep.versions), "## Reproduce", *_reproduce(rep, recipe_text)]
@@ -128,10 +129,6 @@ def _calib_dataset(cal: CalibrationInfo | None) -> str | None:
     return src if is_hub_id(src) and "." not in src.rsplit("/", 1)[-1] else None
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
 def _method(rep: Report, method: str) -> str:
     t = _num(rep.threshold)
     text = _METHOD.get(method, f"Method `{method}`.").format(t=("not recorded" if t is None or t != t else f"{t:g}"))
@@ -159,42 +156,6 @@ def _alpha(rep: Report, method: str) -> list[str]:
     return out
 
 
-def _guard(rep: Report) -> list[str]:
-    g = rep.guard
-    if rep.alpha != "auto":
-        return []
-    if not isinstance(g, dict) or not isinstance(g.get("candidates"), dict):
-        return ["## Guard", "The end-to-end guard did not run (sequential mode, or `smoothing.guard_windows: 0`): "
-                "auto was not compared with alpha 0 on held-out windows."]
-    rows = "\n".join(f"| {k}{' (shipped)' if k == g.get('chosen') else ''} | {_cell(v.get('alpha'))} | "
-                     f"{_fmt(v.get('kl_divergence'), '.4g')} | {_fmt(v.get('top1_agreement'), '.2%')} | "
-                     f"{_fmt(v.get('nll'), '.4f')} |" for k, v in g["candidates"].items())
-    verdict = (f"Auto's held-out KL was above {g.get('chosen')}'s, so {g.get('chosen')} was shipped."
-               if g.get("fell_back") else "Auto had the lowest held-out KL and was shipped.")
-    return ["## Guard", f"Each candidate was built and compared with the float model on {g.get('held_out_windows')} "
-            f"calibration windows held out from calibration and the alpha search ({g.get('held_out_tokens')} "
-            f"scored tokens). {verdict}",
-            "| candidate | alpha | KL to FP | top-1 | NLL |\n|---|---|---|---|---|\n" + rows]
-
-
-def _keep(rep: Report) -> list[str]:
-    k = rep.keep
-    if not isinstance(k, dict):
-        return []
-    kept = k.get("kept") or []
-    names = ", ".join(f"`{n}`" for n in kept[:20]) + (f" and {len(kept) - 20} more" if len(kept) > 20 else "")
-    return ["## Kept in 16-bit (`--max-kl`)",
-            f"Target: KL to FP at most {_fmt(k.get('max_kl'), 'g')} on the held-out windows; measured "
-            f"{_fmt(k.get('kl_before'), '.4g')} with every linear in int8, {_fmt(k.get('kl_after'), '.4g')} with "
-            f"{len(kept)} kept in float ({'met' if k.get('met') else 'NOT met'}). "
-            + (f"Kept (most sensitive first): {names}; they add {_mem(k.get('extra_bytes')) or '0 B'} over int8."
-               if kept else "No linear had to be kept.")]
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return format(v, spec) if _num(v) is not None else "not measured"
-
-
 def _calibration(rep: Report) -> str:
     cal = rep.calibration
     if cal is None:
@@ -205,17 +166,6 @@ def _calibration(rep: Report) -> str:
             ("tokens", "tokens in total"), ("seed", "seed")]
     rows = "\n".join(f"| {label} | {_cell(getattr(cal, k))} |" for k, label in keys)
     return "| | |\n|---|---|\n" + rows
-
-
-def _cell(v: Any) -> str:
-    return "not recorded" if v is None else str(v).replace("|", "\\|")
-
-
-def _mem(b: Any) -> str | None:
-    b = _num(b)
-    if b is None:
-        return None
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 _ROWS = [  # label, key, formatter, how INT8 compares with FP
