@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,9 @@ class Report:
         kw.setdefault("threshold", float("nan"))
         return cls(**kw)
 
-    def write(self, folder: Path) -> None:
-        (Path(folder) / REPORT).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n",
+    def write(self, folder: Path, scrub: Callable[[Any], Any] = lambda d: d) -> None:
+        """Write `llmq_report.json` into `folder`, passed through `scrub` (e.g. provenance.public: no local paths)."""
+        (Path(folder) / REPORT).write_text(json.dumps(scrub(self.to_dict()), indent=2, default=str) + "\n",
                                            encoding="utf-8")
 
 

@@ -97,10 +97,10 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
 
     if stats is not None:
         save_act_scales(stats, tmp / "act_scales.safetensors")
-    from .provenance import public_recipe
+    from .provenance import public, public_recipe
 
     (tmp / "llmq_recipe.yaml").write_text(public_recipe(recipe).to_yaml(), encoding="utf-8")
-    report.write(tmp)
+    report.write(tmp, public)
     write_card(tmp, recipe.push.repo_id)
 
 

@@ -18,8 +18,7 @@ ev = importlib.import_module("llmq.evaluate")  # the module: the package attribu
 @pytest.fixture
 def pair(tmp_path):
     """(int8 folder, fp folder, eval text) of a tiny llama, smoothquant alpha 0.5, default storage dtype."""
-    from llmq.pipeline import quantize_model_
-
+    from llmq.run import quantize_model_
     from llmq.save import save_checkpoint
 
     fp, q, text = tmp_path / "fp", tmp_path / "q", tmp_path / "eval.txt"
@@ -125,6 +124,6 @@ def test_smollm2_checkpoint_size_and_eval_memory(tmp_path, smol_folder):
     rep = llmq.run(recipe, tmp_path / "q", evaluate=True, progress=False)
     ratio = (tmp_path / "q" / "model.safetensors").stat().st_size / fp16_bytes
     assert ratio <= 0.61, ratio
-    fp, q = rep["evaluation"]["fp"], rep["evaluation"]["int8"]
+    fp, q = rep.evaluation["fp"], rep.evaluation["int8"]
     assert q["dtype"] == "bfloat16+int8" and q["kl_divergence"] < 0.1
     assert q["peak_memory_bytes"] <= fp["peak_memory_bytes"], (q["peak_memory_bytes"], fp["peak_memory_bytes"])

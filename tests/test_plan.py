@@ -87,9 +87,15 @@ def test_budget_decides_the_mode():
     ("llama-3-8b", 8_030_261_248, True), ("llama-2-13b", 13_015_864_320, False),
     ("llama-3-70b", 70_553_706_496, False)])
 def test_llama_configs_on_a_24gib_gpu(name, params, in_memory_fits):
-    """docs/large-models.md's figures: published parameter counts, and what fits one 24 GiB GPU."""
+    """docs/large-models.md's figures: published parameter counts, and what fits one 24 GiB GPU (a fixed alpha;
+    auto's guard holds the float reference and two int8 rivals beside the model, so 8B no longer fits)."""
+    budget = parse_max_memory("0=24GiB,cpu=64GiB")
     plan = estimate(str(FIXTURES / name), method="smoothquant", dtype="float16", calib_samples=32,
-                    calib_seq_len=512, max_memory=parse_max_memory("0=24GiB,cpu=64GiB"))
+                    calib_seq_len=512, max_memory=budget, alpha=0.5)
+    auto = estimate(str(FIXTURES / name), method="smoothquant", dtype="float16", calib_samples=32,
+                    calib_seq_len=512, max_memory=budget, alpha="auto")
+    assert not auto.fits_in_memory
+    assert auto.in_memory_peak_bytes - plan.in_memory_peak_bytes == plan.fp_weight_bytes + 2 * plan.int8_weight_bytes
     assert plan.params == params and plan.device == "cuda:0"
     assert plan.fp_weight_bytes == 2 * params
     assert 0.5 < plan.int8_weight_bytes / plan.fp_weight_bytes < 0.6  # embeddings and head stay 16-bit
