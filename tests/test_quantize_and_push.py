@@ -35,8 +35,8 @@ def test_quantize_and_push_end_to_end(tmp_path, smol_folder):
             assert (arrived / name).read_bytes() == (out / name).read_bytes(), name
             assert TOKEN.encode() not in (out / name).read_bytes()
     report = json.loads((out / "llmq_report.json").read_text())
-    assert report.evaluation["int8"]["kl_divergence"] > 0
-    assert f"{report.evaluation['int8']['perplexity']:.3f}" in (out / "README.md").read_text()
+    assert report["evaluation"]["int8"]["kl_divergence"] > 0
+    assert f"{report['evaluation']['int8']['perplexity']:.3f}" in (out / "README.md").read_text()
     check = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
