@@ -65,12 +65,11 @@ def _score(model, reference, held: torch.Tensor) -> dict[str, float]:
     return {"kl_divergence": r.kl_divergence, "top1_agreement": r.top1_agreement, "nll": r.nll}
 
 
-def guard_(model, recipe: Recipe, held: torch.Tensor, load_fp: Callable[[], Any],
-           build: Callable[[Recipe], tuple[Any, Any]]) -> tuple[Any, Any, GuardResult]:
-    """Compare the quantized auto `model` with its rivals on `held` windows. `load_fp()` loads the float
-    reference; `build(recipe)` returns (a quantized model, what its build reported). Returns (the winner,
-    its build's payload or None when auto wins, the measurements)."""
-    fp = load_fp()
+def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recipe], tuple[Any, Any]],
+           ) -> tuple[Any, Any, GuardResult]:
+    """Compare the quantized auto `model` with its rivals on `held` windows against the float reference `fp`;
+    `build(recipe)` returns (a quantized model, what its build reported). Returns (the winner, its build's
+    payload or None when auto wins, the measurements)."""
     result = GuardResult("auto", int(held.shape[0] * (held.shape[1] - 1)))
     result.candidates["auto"] = {"alpha": "auto", **_score(model, fp, held)}
     best, payload, best_kl = model, None, result.candidates["auto"]["kl_divergence"]
@@ -81,7 +80,6 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, load_fp: Callable[[], Any]
         if kl < best_kl:
             best, payload, best_kl, result.chosen = rival, got, kl, name
         del rival, got
-    del fp
     if result.fell_back:
         log.warning("guard: auto's held-out KL %.4g is above %s's %.4g; shipping %s",
                     result.candidates["auto"]["kl_divergence"], result.chosen, best_kl, result.chosen)
@@ -102,14 +100,14 @@ def _swap_(model, name: str, module) -> Any:
     return old
 
 
-def keep_sensitive_(model, held: torch.Tensor, load_fp: Callable[[], Any], q, res) -> dict[str, Any]:
+def keep_sensitive_(model, held: torch.Tensor, fp, q, res) -> dict[str, Any]:
     """--max-kl: put back the float (smoothed) modules of the most sensitive int8 linears, in order of the
     stage's measured sensitivity, until the KL to FP on the held-out windows is at most `q.max_kl`. The count
     doubles until the target is met, then bisects down to the fewest that meet it. The kept linears join
-    `llm_int8_skip_modules`, so stock from_pretrained loads them as plain float linears. Returns the report
-    entry: target, KL before and after, the linears kept and the bytes they add over int8."""
+    `llm_int8_skip_modules`, so stock from_pretrained loads them as plain float linears. KL is against the
+    float reference `fp`. Returns the report entry: target, KL before and after, the linears kept and the
+    bytes they add over int8."""
     ranked = sorted(res.sensitivity, key=lambda n: (-res.sensitivity[n], n))
-    fp = load_fp()
     int8: dict[str, Any] = {}  # name -> its int8 module while the float one is in place
 
     def kl_with(k: int, fp=fp) -> float:
@@ -132,7 +130,6 @@ def keep_sensitive_(model, held: torch.Tensor, load_fp: Callable[[], Any], q, re
         lo, k = (mid, k) if steps[mid] > q.max_kl else (lo, mid)
     if set(int8) != set(ranked[:k]):
         kl_with(k)
-    del fp
     kept = ranked[:k]
     qc = model.config.quantization_config
     qc["llm_int8_skip_modules"] = list(qc.get("llm_int8_skip_modules") or []) + kept

@@ -179,8 +179,9 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
         m = load_fp()
         return m, _quantize_(m, tok, rec, windows=windows, scales=scales, progress=False)
 
-    if recipe.smoothing.alpha == "auto" and needs_windows(recipe) and recipe.quantization.method == "smoothquant":
-        model, won, result = guard_(model, recipe, held, load_fp, build)
+    fp = load_fp()  # the float reference of every held-out KL, loaded once for the guard and --max-kl
+    if recipe.smoothing.alpha == "auto" and recipe.quantization.method == "smoothquant":
+        model, won, result = guard_(model, recipe, held, fp, build)
         if won is not None:
             alpha, auto_stats = report.alpha, stats
             report, stats, res = won
@@ -190,7 +191,8 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
                         "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
                         "candidates": result.candidates}
     if recipe.quantization.max_kl is not None:
-        report.keep = keep_sensitive_(model, held, load_fp, recipe.quantization, res)
+        report.keep = keep_sensitive_(model, held, fp, recipe.quantization, res)
+    del fp
     return model, report, stats
 
 

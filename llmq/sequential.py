@@ -26,7 +26,16 @@ from .calibrate import CalibrationStats
 from .config import Recipe
 from .errors import ModelLoadError, NumericalError
 from .layers import catch_inputs, quantize_layers_
-from .load import check_causal, check_seq_len, load_config, resolve_device, resolve_dtype, skeleton, source
+from .load import (
+    check_causal,
+    check_seq_len,
+    load_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    skeleton,
+    source,
+)
 from .memory import PeakMemory, trim_heap
 from .quantize import bnb_quantization_config, check_finite_weights, linear_names, replace_linears_
 from .report import QuantizeInfo, Report
@@ -180,7 +189,6 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
                    progress: bool = True, max_memory: dict | None = None) -> Report:
     """Quantize `recipe.model` layer by layer into the folder `out` (atomically). Writes what `run.run`
     writes, with peak memory ~ one float layer + the calibration hidden states. Returns the Report."""
-    from transformers import AutoTokenizer
     from transformers.core_model_loading import dot_natural_key
 
     q, cal = recipe.quantization, recipe.calibration
@@ -195,7 +203,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
     check_scales(inputs.scales, targets, cal.act_scales)
     src = source(recipe.model)["pretrained_model_name_or_path"]
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=recipe.trust_remote_code)
+    tok = load_tokenizer(recipe.model, recipe.trust_remote_code)
     windows = None
     if needs_windows(recipe):
         check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
