@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llmq:wiki, llmq:kjv, wikitext2, c4, pile-val, or a .txt/.jsonl/.json")
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--max-tokens", type=int, default=20480, help="0 = all tokens")
-    e.add_argument("--bos", action="store_true", help="prepend BOS to each window")
+    e.add_argument("--bos", action="store_const", const=True, default="auto",
+                   help="prepend BOS to each window (default: when the tokenizer adds one itself)")
+    e.add_argument("--no-bos", dest="bos", action="store_const", const=False, help="never prepend BOS")
     e.add_argument("--reference", default=None, help="reference model for KL divergence / top-1 agreement")
     e.add_argument("--json", dest="json_path", default=None, help="write the result as JSON here")
     e.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
@@ -63,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seq-len", type=int, default=None)
     q.add_argument("--calib-seed", type=int, default=None)
     q.add_argument("--act-scales", default=None, help="reuse an act_scales.safetensors (skips calibration)")
-    q.add_argument("--skip", action="append", default=None, help="module name not to quantize (repeatable)")
+    q.add_argument("--skip", action="append", default=None,
+                   help="module name not to quantize, added to the recipe's (lm_head); repeatable")
     q.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None,
                    help="dtype of the non-int8 tensors saved and run (auto: bfloat16, or the --dtype if 16-bit)")
     q.add_argument("--base-model", default=None, metavar="ID", help="Hub id the model card names as base_model")
@@ -117,7 +120,8 @@ def recipe_from_args(a: argparse.Namespace) -> Recipe:
     flags: dict[str, Any] = {
         "model": a.model, "dtype": a.dtype, "device": a.device, "trust_remote_code": a.trust_remote_code,
         "quantization.method": a.method, "quantization.threshold": a.threshold,
-        "quantization.skip": a.skip, "quantization.max_kl": a.max_kl, "quantization.gptq": a.gptq,
+        "quantization.skip": None if a.skip is None else tuple(dict.fromkeys([*recipe.quantization.skip, *a.skip])),
+        "quantization.max_kl": a.max_kl, "quantization.gptq": a.gptq,
         "quantization.storage_dtype": a.storage_dtype, "base_model": a.base_model,
         "smoothing.alpha": a.alpha,
         "calibration.source": a.calib, "calibration.samples": a.calib_samples,

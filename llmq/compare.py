@@ -125,7 +125,8 @@ def evaluate_pair(model: str, reference: str, cfg: Evaluation, *, tokenizer: Any
     m_cfg = load_config(model, bool(model_kw.get("trust_remote_code")))
     r_cfg = load_config(reference, bool(reference_kw.get("trust_remote_code")))
     for c in (m_cfg, r_cfg):  # before any weights load
-        check_seq_len(SimpleNamespace(config=c), cfg.seq_len + cfg.bos, "evaluation.seq_len (--seq-len)")
+        check_seq_len(SimpleNamespace(config=c), cfg.seq_len + (cfg.bos is not False),
+                      "evaluation.seq_len (--seq-len)")
     _check_vocab(*(getattr(c.get_text_config(), "vocab_size", None) for c in (m_cfg, r_cfg)))
     if getattr(m_cfg, "quantization_config", None):
         import bitsandbytes  # noqa: F401  (imported before either peak: library code is in neither model's)
@@ -133,7 +134,7 @@ def evaluate_pair(model: str, reference: str, cfg: Evaluation, *, tokenizer: Any
         tokenizer = load_tokenizer(model, bool(model_kw.get("trust_remote_code")))
     ids, bos_id = eval_ids(tokenizer, cfg)
     ref, _ = load(reference, **reference_kw)
-    with ReferenceLogits(_scored_rows(ids, cfg, cfg.bos)) as store:
+    with ReferenceLogits(_scored_rows(ids, cfg, bos_id is not None)) as store:
         log.info("evaluating the reference %s alone (its logits go to a temporary file)", reference)
         r_ref = evaluate_ids(ref, ids, cfg.seq_len, bos_id=bos_id, record=store, progress=progress,
                              max_tokens=cfg.max_tokens, data=cfg.data)

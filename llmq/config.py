@@ -57,6 +57,10 @@ def check_alpha(alpha: Any, where: str = "alpha") -> float:
     return a
 
 
+def check_bos(bos: Any, where: str) -> None:
+    _check(isinstance(bos, bool) or bos == "auto", f"{where} must be true, false or auto, got {bos!r}")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Text run through the model to record per-channel activation maxima."""
@@ -66,8 +70,10 @@ class Calibration:
     seq_len: int = 512
     seed: int = 0
     act_scales: str | None = None  # reuse a saved act_scales.safetensors instead of calibrating
+    bos: bool | str = "auto"  # BOS first in each window; auto: when the tokenizer adds one (llmq.data.bos_id)
 
     def __post_init__(self) -> None:
+        check_bos(self.bos, "calibration.bos")
         _check(self.samples >= 1, f"calibration.samples must be >= 1, got {self.samples}")
         _check(self.seq_len >= 2, f"calibration.seq_len must be >= 2, got {self.seq_len}")
         _check(bool(self.source), "calibration.source must not be empty")
@@ -134,9 +140,10 @@ class Evaluation:
     data: str = OFFLINE_TEXT
     seq_len: int = 1024
     max_tokens: int | None = 20480
-    bos: bool = False
+    bos: bool | str = "auto"  # BOS prepended to each window; auto: when the tokenizer adds one (llmq.data.bos_id)
 
     def __post_init__(self) -> None:
+        check_bos(self.bos, "evaluation.bos")
         _check(self.seq_len >= 2, f"evaluation.seq_len must be >= 2, got {self.seq_len}")
         _check(self.max_tokens is None or self.max_tokens >= 2,
                f"evaluation.max_tokens must be >= 2, got {self.max_tokens}")

@@ -186,10 +186,34 @@ def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int
     return ids.reshape(-1)[: n_slots * seq_len].view(n_slots, seq_len)[chosen].long()
 
 
+def bos_id(tokenizer: Any, bos: bool | str, where: str = "evaluation.bos") -> int | None:
+    """The token id to put first in each window, or None. `bos`: True, False, or "auto": the BOS id when the
+    tokenizer puts one before plain text by default (Gemma's, Llama's), i.e. what the model runs on in
+    practice; None when it does not (SmolLM2's, GPT-2's). Windows are cut from text tokenized without special
+    tokens, so without this a model trained to always see BOS would be calibrated and scored without it."""
+    if bos is False:
+        return None
+    found = getattr(tokenizer, "bos_token_id", None)
+    if bos == "auto":
+        if found is None:
+            return None
+        with_special = tokenizer("a", verbose=False)["input_ids"]
+        return found if with_special and with_special[0] == found else None
+    if found is None:
+        raise ConfigError(f"{where} is true but the tokenizer has no bos_token_id; set it to false or auto")
+    return found
+
+
 def calibration_set(tokenizer, cal, text: str | None = None) -> torch.LongTensor:
     """The calibration windows of a recipe's `Calibration` section: the one function both drivers and the
-    benchmarks use, so every run of the same recipe sees the same windows."""
+    benchmarks use, so every run of the same recipe sees the same windows. With a BOS (`bos_id`), each
+    window is BOS + `seq_len - 1` text tokens."""
     text = load_text(cal.source, "calibration") if text is None else text
+    bos = bos_id(tokenizer, cal.bos, "calibration.bos")
+    n = cal.seq_len - (bos is not None)
     # 8x the needed tokens leaves room for seeded sampling without tokenizing whole dataset shards
     ids = tokenize(tokenizer, text, max_tokens=8 * cal.samples * cal.seq_len)
-    return calibration_windows(ids, cal.samples, cal.seq_len, cal.seed)
+    windows = calibration_windows(ids, cal.samples, n, cal.seed)
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)

@@ -4,7 +4,8 @@ Perplexity protocol (the one place it is written; reports print it with the numb
 tokenize the whole text without special tokens and keep the first `max_tokens` tokens; split them into
 non-overlapping windows of `seq_len` tokens (stride = `seq_len`); a partial last window is scored too if
 it has >= 2 tokens. Each window is an independent sequence (no cache carried over). The first token of
-each window is unscored, since it has no context; no BOS is inserted unless `bos=True`, in which case the
+each window is unscored, since it has no context, unless a BOS is inserted: with `bos` true, or "auto" (the
+default) for a tokenizer that puts BOS before plain text itself (Gemma's, Llama's; llmq.data.bos_id), the
 tokenizer's `bos_token_id` is prepended to each window as context and the first text token IS scored.
 The NLL of each scored token comes from float32 log-softmax of the logits and is summed in float64;
 perplexity = exp(total NLL / number of scored tokens).
@@ -233,16 +234,13 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, *, bos
 
 
 def eval_ids(tokenizer: Any, cfg: Evaluation) -> tuple[torch.Tensor, int | None]:
-    """The token ids `cfg` evaluates (first `cfg.max_tokens` of `cfg.data`) and the BOS id if `cfg.bos`."""
-    from .data import load_text, tokenize
+    """The token ids `cfg` evaluates (first `cfg.max_tokens` of `cfg.data`) and the BOS id to prepend to each
+    window (llmq.data.bos_id of `cfg.bos`), or None."""
+    from .data import bos_id, load_text, tokenize
 
-    bos_id = None
-    if cfg.bos:
-        bos_id = getattr(tokenizer, "bos_token_id", None)
-        if bos_id is None:
-            raise ConfigError("evaluation.bos is true but the tokenizer has no bos_token_id; set bos: false")
+    bos = bos_id(tokenizer, cfg.bos)
     text = load_text(cfg.data, purpose="evaluation")
-    return tokenize(tokenizer, text, max_tokens=cfg.max_tokens), bos_id
+    return tokenize(tokenizer, text, max_tokens=cfg.max_tokens), bos
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
@@ -254,7 +252,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
 
     for m in (model, reference):
         if m is not None:
-            check_seq_len(m, cfg.seq_len + cfg.bos, "evaluation.seq_len (--seq-len)")
+            check_seq_len(m, cfg.seq_len + (cfg.bos is not False), "evaluation.seq_len (--seq-len)")
     ids, bos_id = eval_ids(tokenizer, cfg)
     result = evaluate_ids(model, ids, cfg.seq_len, bos_id=bos_id, reference=reference, progress=progress,
                           max_tokens=cfg.max_tokens, data=cfg.data)

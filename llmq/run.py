@@ -221,7 +221,7 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
     if needs_windows(recipe):
         check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
     if evaluate:
-        check_seq_len(model, recipe.evaluation.seq_len + recipe.evaluation.bos, "evaluation.seq_len")
+        check_seq_len(model, recipe.evaluation.seq_len + (recipe.evaluation.bos is not False), "evaluation.seq_len")
     with atomic_dir(inputs.dest, overwrite) as tmp:
         t0 = time.perf_counter()
         device = next(model.parameters()).device

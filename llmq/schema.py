@@ -5,6 +5,7 @@ config (scripts/bench_config.py)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -48,7 +49,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, where)
     origin, args = get_origin(tp), get_args(tp)
-    if origin is Union or (origin is not None and type(None) in args):
+    if origin is Union or origin is types.UnionType or (origin is not None and type(None) in args):
         if value is None and type(None) in args:
             return None
         errors = []

@@ -286,7 +286,7 @@ CASES = [
     Case("threshold-weight-only", Q + " --method weight-only --threshold 6", "weight-only", "leave it unset"),
     Case("set-no-equals", Q + " --set smoothing.alpha", "--set expects key=value", "--set smoothing.alpha=0.8"),
     Case("set-unknown-key", Q + " --set calibration.sampels=8", "unknown recipe key 'calibration.sampels'",
-         "allowed here: ['act_scales', 'samples'"),
+         "allowed here: ['act_scales', 'bos', 'samples'"),
     Case("set-wrong-type", Q + " --set calibration.samples=[1,2]", "expected an integer", "calibration: samples"),
     Case("set-unknown-group", Q + " --set smoothing.groups=[attn,ffn]", "unknown ['ffn']", "allowed"),
     Case("recipe-missing", Q + " --recipe {missing}.yaml", "does not exist", "configs/default.yaml"),

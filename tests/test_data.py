@@ -12,9 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
 
 from llmq import data  # noqa: E402
-from llmq.data import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
+from llmq.data import bos_id, calibration_set, calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
 from llmq.errors import ConfigError, DataError  # noqa: E402
 
 SMOL = Path("/tmp/proto/smol_fp")
@@ -215,3 +216,49 @@ def _smol_folder() -> Path:
     from llmq.assets import model_folder
 
     return model_folder()
+
+
+# --- BOS ---------------------------------------------------------------------------------------------------
+def test_bos_id_auto_follows_the_tokenizer(bpe_tokenizer):
+    """auto: the BOS id when the tokenizer puts one before plain text itself (this BPE does, like Gemma's);
+    None when it does not (the conftest tokenizer has a bos_token but adds nothing, like SmolLM2's)."""
+    assert bpe_tokenizer("a")["input_ids"][0] == bpe_tokenizer.bos_token_id == 0
+    assert bos_id(bpe_tokenizer, "auto") == 0
+    tokenizer = tiny_tokenizer()
+    assert tokenizer.bos_token_id is not None and bos_id(tokenizer, "auto") is None
+    assert bos_id(tokenizer, True) == tokenizer.bos_token_id
+    assert bos_id(bpe_tokenizer, False) is None
+
+
+def test_bos_true_without_a_bos_token_is_an_error(bpe_tokenizer):
+    from types import SimpleNamespace
+
+    no_bos = SimpleNamespace(bos_token_id=None)
+    with pytest.raises(ConfigError, match="calibration.bos is true but the tokenizer has no bos_token_id"):
+        bos_id(no_bos, True, "calibration.bos")
+    assert bos_id(no_bos, "auto") is None
+
+
+@pytest.mark.parametrize("bos", ["auto", False])
+def test_calibration_set_puts_bos_first_when_the_tokenizer_does(bpe_tokenizer, bos):
+    from llmq.config import Calibration
+
+    text = TEXT * 40
+    cal = Calibration(source="unused", samples=3, seq_len=8, seed=1, bos=bos)
+    wins = calibration_set(bpe_tokenizer, cal, text=text)
+    assert wins.shape == (3, 8) and wins.dtype == torch.long
+    ids = tokenize(bpe_tokenizer, text, max_tokens=8 * 3 * 8)
+    if bos == "auto":  # BOS + the text windows of seq_len - 1 that calibration_windows picks
+        assert (wins[:, 0] == 0).all()
+        assert torch.equal(wins[:, 1:], calibration_windows(ids, 3, 7, 1))
+    else:
+        assert torch.equal(wins, calibration_windows(ids, 3, 8, 1))
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bos_setting_is_validated(bad):
+    from llmq.config import Calibration, Evaluation
+
+    for cls, where in ((Calibration, "calibration.bos"), (Evaluation, "evaluation.bos")):
+        with pytest.raises(ConfigError, match=f"{where} must be true, false or auto"):
+            cls(bos=bad)

@@ -50,9 +50,24 @@ def _layer_feed(model, windows):
     return Feed("model.layers.0", layers[0], hidden, extras[0], torch.device("cpu"))
 
 
+def test_layer_error_is_per_token_relative():
+    """Scaling one token's hidden state (and its error) by 1000, as an attention sink does, leaves the score
+    unchanged; a plain squared error would be 10^6 times that token's."""
+    from llmq.alpha import layer_error
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 6, 16, generator=g)
+    out = ref + 0.01 * torch.randn(1, 6, 16, generator=g)
+    k = torch.ones(1, 6, 1)
+    k[0, 0] = 1000.0
+    assert layer_error(out * k, ref * k) == pytest.approx(layer_error(out, ref), rel=1e-5)
+    per_token = ((out - ref).pow(2).sum(-1) / ref.pow(2).sum(-1)).sum()
+    assert layer_error(out, ref) == pytest.approx(float(per_token), rel=1e-6)
+
+
 @torch.no_grad()
 def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output():
-    from llmq.alpha import search_layer_alpha_
+    from llmq.alpha import layer_error, search_layer_alpha_
     from llmq.fakequant import SimMode, simulate_
     from llmq.smooth import smooth_target_
 
@@ -74,7 +89,7 @@ def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output():
         for t in targets:
             smooth_target_(feed, t, stats.act_max, alphas[t.key])
         hs = simulate_(feed, SimMode("token", "channel"), qnames)
-        e = float((feed.output(0) - ref).pow(2).sum())
+        e = layer_error(feed.output(0).float(), ref.float())
         for h in hs:
             h.remove()
         return e

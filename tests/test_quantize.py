@@ -48,6 +48,18 @@ def _tiny_falcon():
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def test_cli_skip_adds_to_the_recipes_skip():
+    """`--skip down_proj` keeps lm_head skipped too (it used to replace the list, quantizing lm_head)."""
+    from llmq.args import build_parser, recipe_from_args
+
+    def skip(*argv):
+        return recipe_from_args(build_parser().parse_args(["quantize", "m", "--out", "o", *argv])).quantization.skip
+
+    assert skip() == ("lm_head",)
+    assert skip("--skip", "down_proj", "--skip", "lm_head", "--skip", "o_proj") == ("lm_head", "down_proj", "o_proj")
+    assert skip("--set", "quantization.skip=[q_proj]", "--skip", "k_proj") == ("q_proj",)  # --set is explicit: last
+
+
 def test_falcon_is_refused_by_every_method_and_the_planner():
     """FalconLinear subclasses nn.Linear; transformers' bitsandbytes loader replaces exact nn.Linear only, so
     a 'quantized' Falcon would be float weights under an int8 quantization_config. Every path refuses it."""
