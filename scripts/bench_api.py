@@ -8,9 +8,13 @@ from typing import Any
 def calibration_windows(tokenizer: Any, recipe: Any) -> Any:
     """The [samples, seq_len] windows `llmq quantize` calibrates on for `recipe` (same tokenization and the
     same split: with auto alpha the guard's held-out windows are not among them)."""
+    from llmq.data import calibration_set
     from llmq.run import calibration_split
 
-    return calibration_split(tokenizer, recipe, None)[0]
+    windows = calibration_split(tokenizer, recipe, None)[0]
+    # a recipe that reads no calibration text (llm-int8 / weight-only without GPTQ): the windows it would read,
+    # so "quantize time / one FP forward over the calibration tokens" keeps one denominator for every row
+    return calibration_set(tokenizer, recipe.calibration) if windows is None else windows
 
 
 def versions() -> dict[str, str]:

@@ -312,6 +312,32 @@ def update_doc(doc: Path, slug: str, block: str) -> None:
     doc.write_text(text, encoding="utf-8")
 
 
+PEAK_NOTE = ("peak of the row's process while evaluating, with the FP32 model kept resident for the interleaved "
+             "speed comparison: not one model's memory; `llmq eval INT8 --reference FP --json` measures each alone")
+
+
+def _process_peaks(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rows' raw results with each evaluation's peak renamed to what it is (PEAK_NOTE), so no JSON shows a
+    per-model `peak_memory_bytes` that is really two models' peak."""
+    def fix(ev: Any) -> Any:
+        if not isinstance(ev, dict) or "peak_memory_bytes" not in ev:
+            return ev
+        ev = dict(ev)
+        for k in ("peak_memory_bytes", "baseline_memory_bytes"):
+            ev[f"process_{k}"] = ev.pop(k, None)
+        return {**ev, "process_peak_note": PEAK_NOTE}
+
+    out = {}
+    for name, r in results.items():
+        r = dict(r)
+        if "eval" in r:
+            r["eval"] = fix(r["eval"])
+        if isinstance(r.get("quality"), list):
+            r["quality"] = [fix(q) for q in r["quality"]]
+        out[name] = r
+    return out
+
+
 def write(results: dict[str, dict[str, Any]], cfg: Any, model: str, slug: str, out_dir: Path,
           machine: dict[str, Any], command: str) -> list[Path]:
     from bench_config import half_dtype
@@ -340,7 +366,8 @@ def write(results: dict[str, dict[str, Any]], cfg: Any, model: str, slug: str, o
                                  "evaluator_tokens_per_s": fp["eval"]["tokens_per_second"]}
     s["targets"] = targets(rows, sim) + [t for t in [bench_decode.target(decode)] if t]
     paths = [out_dir / f"bench-{slug}.json", out_dir / f"bench-{slug}.md"]
-    paths[0].write_text(json.dumps({**s, "raw": results}, indent=1, default=str) + "\n", encoding="utf-8")
+    paths[0].write_text(json.dumps({**s, "raw": _process_peaks(results)}, indent=1, default=str) + "\n",
+                        encoding="utf-8")
     block = markdown(s)
     paths[1].write_text(block + "\n", encoding="utf-8")
     if sim:

@@ -178,3 +178,18 @@ def test_scripts_stay_small_and_shell_is_clean() -> None:
     assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
     if shutil.which("shellcheck"):
         assert subprocess.run(["shellcheck", str(sh)], capture_output=True).returncode == 0
+
+
+def test_raw_json_names_evaluation_peaks_as_process_peaks() -> None:
+    """A benchmark row evaluates with the FP32 model resident (the speed comparison), so the JSON must not
+    call that peak the int8 model's `peak_memory_bytes` (issue: int8 peak shown above the FP reference's)."""
+    import bench_report
+
+    ev = {"perplexity": 2.0, "peak_memory_bytes": 30, "baseline_memory_bytes": 10}
+    raw = bench_report._process_peaks({"fp32": {"eval": dict(ev)}, "w8a8": {"eval": dict(ev), "quality": [dict(ev)]},
+                                       "decode-w8a8": {"decode": {"x": 1}}})
+    text = json.dumps(raw)
+    assert '"peak_memory_bytes"' not in text and '"baseline_memory_bytes"' not in text
+    assert raw["w8a8"]["quality"][0]["process_peak_memory_bytes"] == 30
+    assert raw["w8a8"]["eval"]["process_peak_note"] == bench_report.PEAK_NOTE
+    assert raw["decode-w8a8"] == {"decode": {"x": 1}} and ev["peak_memory_bytes"] == 30  # inputs untouched
