@@ -98,6 +98,15 @@ def check_finite_weights(model) -> None:
                                  "(re-download or re-export it)")
 
 
+def check_weight_range(w_max: float, name: str) -> None:
+    """NumericalError unless a linear's largest |weight| (its largest row scale) fits float16, which
+    bitsandbytes quantizes and computes through. The one check both converters (round-to-nearest, GPTQ) use."""
+    if not w_max <= FP16_MAX:  # also catches nan
+        raise NumericalError(f"the weights of {name} reach |w| = {w_max:.4g}, beyond the float16 range (65504) "
+                             "that bitsandbytes quantizes through; use a smaller alpha (smoothing scales weights "
+                             f"up) or keep that layer unquantized with --skip {name}")
+
+
 def _to_int8(module, threshold: float, name: str = "linear"):
     import bitsandbytes as bnb
     from transformers.pytorch_utils import Conv1D
@@ -106,11 +115,7 @@ def _to_int8(module, threshold: float, name: str = "linear"):
     if isinstance(module, Conv1D):  # Conv1D stores [in, out]
         w = w.t()
     out_f, in_f = w.shape
-    w_max = float(w.abs().max())
-    if not w_max <= FP16_MAX:  # also catches nan
-        raise NumericalError(f"the weights of {name} reach |w| = {w_max:.4g}, beyond the float16 range (65504) "
-                             "that bitsandbytes quantizes through; use a smaller alpha (smoothing scales weights "
-                             f"up) or keep that layer unquantized with --skip {name}")
+    check_weight_range(float(w.abs().max()), name)
     new = bnb.nn.Linear8bitLt(in_f, out_f, bias=module.bias is not None, has_fp16_weights=False,
                               threshold=threshold, device="meta")
     # Int8Params quantizes in .to() only from a CPU tensor (bitsandbytes 0.50), onto the target device

@@ -22,7 +22,7 @@ from torch import nn
 
 from .calibrate import CalibrationStats, calibrate
 from .config import Recipe
-from .errors import ConfigError, NumericalError
+from .errors import ConfigError
 from .quantize import check_finite_weights, check_fp16_range, replace_linears_
 from .smooth import SmoothTarget, linear_weight, smooth_
 
@@ -142,7 +142,7 @@ def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, t
     H was accumulated before smoothing; smoothing divides input channel j by s_j (the ratio of the column's
     weights after and before it), so the smoothed input's Hessian is D H D with D = diag(1 / s)."""
     from .gptq import STAGE_CLIP_GRID, quantize_weight
-    from .quantize import FP16_MAX, int8_linear
+    from .quantize import check_weight_range, int8_linear
 
     for name in qnames:
         module = root.get_submodule(name)
@@ -151,10 +151,7 @@ def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, t
         s = torch.where(old > 0, w.abs().sum(0) / old.clamp(min=1e-30), torch.ones_like(old))
         h = hess[name].float().to(w.device)
         cb, scb = quantize_weight(w, h / s[:, None] / s[None, :], clip_grid=STAGE_CLIP_GRID)
-        if not float(scb.max()) <= FP16_MAX:
-            raise NumericalError(f"the weights of {name} reach |w| = {float(scb.max()):.4g}, beyond the float16 "
-                                 "range that bitsandbytes computes in; use a smaller alpha (smoothing scales "
-                                 f"weights up) or keep that layer unquantized with --skip {name}")
+        check_weight_range(float(scb.max()), name)
         parent, _, child = name.rpartition(".")
         new = int8_linear(cb, scb, module.bias, q.effective_threshold, device=w.device, training=module.training)
         setattr(root.get_submodule(parent) if parent else root, child, new)
