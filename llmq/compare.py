@@ -118,20 +118,21 @@ def evaluate_pair(model: str, reference: str, cfg: Evaluation, *, tokenizer: Any
                   reference_name: str | None = None, progress: bool = True) -> tuple[EvalResult, EvalResult]:
     """Evaluate `reference`, then `model` against it (KL, top-1), each loaded by llmq.load.load with its
     keyword arguments and alone in memory while measured. Returns (model result, reference result)."""
+    from .data import bos_id as find_bos
     from .load import check_seq_len, load, load_config, load_tokenizer
     from .memory import release
 
     model_kw, reference_kw = dict(model_kw or {}), dict(reference_kw or {})
     m_cfg = load_config(model, bool(model_kw.get("trust_remote_code")))
     r_cfg = load_config(reference, bool(reference_kw.get("trust_remote_code")))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model, bool(model_kw.get("trust_remote_code")))
+    bos = find_bos(tokenizer, cfg.bos) is not None
     for c in (m_cfg, r_cfg):  # before any weights load
-        check_seq_len(SimpleNamespace(config=c), cfg.seq_len + (cfg.bos is not False),
-                      "evaluation.seq_len (--seq-len)")
+        check_seq_len(SimpleNamespace(config=c), cfg.seq_len, "evaluation.seq_len (--seq-len)", bos)
     _check_vocab(*(getattr(c.get_text_config(), "vocab_size", None) for c in (m_cfg, r_cfg)))
     if getattr(m_cfg, "quantization_config", None):
         import bitsandbytes  # noqa: F401  (imported before either peak: library code is in neither model's)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(model, bool(model_kw.get("trust_remote_code")))
     ids, bos_id = eval_ids(tokenizer, cfg)
     ref, _ = load(reference, **reference_kw)
     with ReferenceLogits(_scored_rows(ids, cfg, bos_id is not None)) as store:

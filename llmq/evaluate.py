@@ -248,11 +248,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
              progress: bool = True) -> EvalResult:
     """Load `cfg.data`, tokenize it and score it with `evaluate_ids` (a `reference` model stays resident
     beside `model`; llmq.compare.evaluate_pair evaluates them one at a time)."""
+    from .data import bos_id
     from .load import check_seq_len
 
+    bos = bos_id(tokenizer, cfg.bos) is not None
     for m in (model, reference):
         if m is not None:
-            check_seq_len(m, cfg.seq_len + (cfg.bos is not False), "evaluation.seq_len (--seq-len)")
+            check_seq_len(m, cfg.seq_len, "evaluation.seq_len (--seq-len)", bos)
     ids, bos_id = eval_ids(tokenizer, cfg)
     result = evaluate_ids(model, ids, cfg.seq_len, bos_id=bos_id, reference=reference, progress=progress,
                           max_tokens=cfg.max_tokens, data=cfg.data)

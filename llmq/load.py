@@ -184,13 +184,14 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
         raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
 
 
-def check_seq_len(model, seq_len: int, what: str) -> None:
-    """ConfigError if windows of `seq_len` tokens exceed the model's `max_position_embeddings`."""
+def check_seq_len(model, seq_len: int, what: str, bos: bool = False) -> None:
+    """ConfigError if windows of `seq_len` tokens (plus a BOS put before each when `bos`) exceed the model's
+    `max_position_embeddings`."""
     config = getattr(model, "config", None)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
-    if isinstance(limit, int) and seq_len > limit:
-        raise ConfigError(f"{what} is {seq_len}, beyond this model's max_position_embeddings ({limit}); "
-                          f"use {limit} or less")
+    if isinstance(limit, int) and seq_len + bos > limit:
+        raise ConfigError(f"{what} is {seq_len}{' plus a BOS token' if bos else ''}, beyond this model's "
+                          f"max_position_embeddings ({limit}); use {limit - bos} or less")
 
 
 def skeleton(config, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):

@@ -20,7 +20,7 @@ from . import __version__
 from .arch import check_int8_supported, layers_path
 from .calibrate import CalibrationStats, load_act_scales, save_act_scales
 from .config import Recipe
-from .data import calibration_set, load_text
+from .data import bos_id, calibration_set, load_text
 from .errors import ConfigError
 from .layers import catch_inputs, quantize_layers_
 from .load import check_seq_len, load, load_config
@@ -221,7 +221,8 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
     if needs_windows(recipe):
         check_seq_len(model, cal.seq_len, "calibration.seq_len (--calib-seq-len)")
     if evaluate:
-        check_seq_len(model, recipe.evaluation.seq_len + (recipe.evaluation.bos is not False), "evaluation.seq_len")
+        check_seq_len(model, recipe.evaluation.seq_len, "evaluation.seq_len",
+                      bos_id(tok, recipe.evaluation.bos) is not None)
     with atomic_dir(inputs.dest, overwrite) as tmp:
         t0 = time.perf_counter()
         device = next(model.parameters()).device

@@ -365,7 +365,7 @@ CASES = [
     Case("calib-seq-len-beyond-positions", T + " --calib-seq-len 512", "max_position_embeddings (256)",
          "use 256 or less"),
     Case("quantize-eval-seq-len-beyond", T + " --eval --set evaluation.data={text} --set evaluation.seq_len=1024",
-         "evaluation.seq_len is 1024", "use 256 or less"),
+         "evaluation.seq_len is 1024,", "use 256 or less"),
     Case("act-scales-other-model", T + " --alpha 0.5 --act-scales {scales_other}", "does not match this model",
          "recalibrate without it"),
     Case("act-scales-other-width", T + " --alpha 0.5 --act-scales {scales_shape}", "have shapes",

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama, tiny_text, tiny_tokenizer
 
 from llmq.config import Evaluation
-from llmq.errors import DataError, NumericalError
+from llmq.errors import ConfigError, DataError, NumericalError
 from llmq.evaluate import EvalResult, evaluate, evaluate_ids, format_table
 from llmq.memory import PeakMemory, weight_bytes
 
@@ -219,3 +219,18 @@ def test_real_model_matches_independent_implementation(smol_folder: Path) -> Non
     assert r.perplexity == pytest.approx(reference_ppl(model, ids, 1024), rel=1e-3)
     assert 5 < r.perplexity < 50  # a 135M model on Wikipedia
     assert r.weight_memory_bytes == pytest.approx(134.5e6 * 4, rel=0.01)
+
+
+def test_seq_len_check_counts_the_bos_token() -> None:
+    """A window of seq_len tokens plus a BOS must fit max_position_embeddings; the message says what to use."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from llmq.load import check_seq_len
+
+    m = SimpleNamespace(config=LlamaConfig(max_position_embeddings=256))
+    check_seq_len(m, 256, "evaluation.seq_len")
+    check_seq_len(m, 255, "evaluation.seq_len", bos=True)
+    with pytest.raises(ConfigError, match=r"seq_len is 256 plus a BOS token, beyond .* \(256\); use 255 or less"):
+        check_seq_len(m, 256, "evaluation.seq_len", bos=True)
