@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seed", type=int, default=None)
     q.add_argument("--act-scales", default=None, help="reuse an act_scales.safetensors (skips calibration)")
     q.add_argument("--skip", action="append", default=None,
-                   help="module name not to quantize, added to the recipe's (lm_head); repeatable")
+                   help="keep modules in float: a name, a suffix (down_proj) or a pattern, matched as stock "
+                        "transformers matches llm_int8_skip_modules; added to the recipe's (lm_head); repeatable")
     q.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None,
                    help="dtype of the non-int8 tensors saved and run (auto: bfloat16, or the --dtype if 16-bit)")
     q.add_argument("--base-model", default=None, metavar="ID", help="Hub id the model card names as base_model")

@@ -17,13 +17,14 @@ outlier threshold, which stock transformers reads back from `config.json`'s `qua
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import Quantization
-from .errors import NumericalError, UnsupportedArchitecture
+from .errors import ConfigError, NumericalError, UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
@@ -50,8 +51,30 @@ def _linear_like(module) -> bool:
 
 
 def skipped(name: str, skip: tuple[str, ...]) -> bool:
-    """`lm_head` skips `lm_head`, `x.lm_head` and everything under `lm_head.`; a full name skips that one."""
-    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+    """Whether module `name` stays float under `skip` (written as `llm_int8_skip_modules`), by stock
+    transformers' own rule, so llmq converts exactly what a stock reload rebuilds as int8: a key matches as a
+    regex from the start up to a module boundary (`lm_head`, `model.layers.1` but not `model.layers.11`), or
+    as a plain suffix (`down_proj`, and also `proj`, which ends every `*_proj`)."""
+    if not skip:
+        return False
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # older transformers: the same rule, written out
+        def should_convert_module(full_name: str, patterns: list[str]) -> bool:
+            return not any(re.match(rf"(?:{k})(?:(?<=\.)|(?=\.|$))", full_name) or full_name.endswith(k)
+                           for k in patterns)
+    try:
+        return not should_convert_module(name, list(skip))
+    except re.error as e:
+        raise ConfigError(f"quantization.skip (--skip) has an entry that is not a valid pattern ({e}); "
+                          "give module names or name suffixes such as lm_head or down_proj") from None
+
+
+def check_skip_matches(names: list[str], skip: tuple[str, ...]) -> None:
+    """Warn about skip entries that match no module (a typo keeps nothing in float, silently otherwise)."""
+    for k in skip:
+        if not any(skipped(n, (k,)) for n in names):
+            log.warning("skip entry %r matches no module of this model: nothing is kept in float for it", k)
 
 
 def linear_names(model, skip: tuple[str, ...] = ()) -> list[str]:

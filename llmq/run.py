@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .layers import catch_inputs, quantize_layers_
 from .load import check_seq_len, load, load_config
 from .memory import PeakMemory
-from .quantize import linear_names, mark_quantized_, replace_linears_
+from .quantize import check_skip_matches, linear_names, mark_quantized_, replace_linears_
 from .report import CalibrationInfo, QuantizeInfo, Report
 from .save import atomic_dir, check_output, save_checkpoint
 from .smooth import smooth_targets
@@ -126,6 +126,7 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
         scales = load_act_scales(cal.act_scales)
     check_scales(scales, targets, cal.act_scales)
     qnames = linear_names(model, q.skip)
+    check_skip_matches([n for n, _ in model.named_modules()], q.skip)
     if needs_windows(recipe):
         if windows is None:
             windows = calibration_set(tokenizer, cal)

@@ -37,7 +37,7 @@ from .load import (
     source,
 )
 from .memory import PeakMemory, trim_heap
-from .quantize import bnb_quantization_config, check_finite_weights, linear_names, replace_linears_
+from .quantize import bnb_quantization_config, check_finite_weights, check_skip_matches, linear_names, replace_linears_
 from .report import QuantizeInfo, Report
 from .run import block_report, calibration_split, finish_output, preflight, saved_stats, stamp_
 from .save import atomic_dir
@@ -215,6 +215,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         tok.save_pretrained(tmp)
         del tok, inputs.cal_text  # not needed any more: keep the peak down
         trim_heap()
+        check_skip_matches([n for n, _ in model.named_modules()], q.skip)
         job = _Job(recipe, model, layers_path(model), shards.key_map(model, files), linear_names(model, q.skip),
                    targets, inputs.scales, device, tmp / ".staging", windows,
                    storage=storage_dtype(q.storage_dtype, dtype))

@@ -40,6 +40,30 @@ def test_skip_rule():
     assert skipped("model.layers.0.mlp.up_proj", ("model.layers.0.mlp.up_proj",))
 
 
+@pytest.mark.parametrize("key", ["lm_head", "down_proj", "proj", "mlp.c_proj", "model.layers.1", "layers.1",
+                                 r"model\.layers\.[01]\.mlp", "fc2", "q_proj"])
+def test_skip_rule_is_stock_transformers_rule(key):
+    """What llmq keeps in float is what a stock reload keeps in float for llm_int8_skip_modules=[key]
+    (a suffix without a dot boundary, such as `proj`, matches in transformers, so it must here too)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    names = [n for n, _ in tiny_llama().named_modules()] + ["h.0.attn.c_proj", "h.0.mlp.c_proj", "model.layers.11.mlp"]
+    assert [skipped(n, (key,)) for n in names] == [not should_convert_module(n, [key]) for n in names]
+    assert skipped("model.layers.0.mlp.down_proj", ("proj",))
+
+
+def test_skip_entry_matching_nothing_warns_and_bad_pattern_is_an_error(caplog):
+    from llmq.errors import ConfigError
+    from llmq.quantize import check_skip_matches
+
+    names = [n for n, _ in tiny_llama().named_modules()]
+    with caplog.at_level("WARNING", logger="llmq.quantize"):
+        check_skip_matches(names, ("lm_head", "dwn_proj"))
+    assert "'dwn_proj' matches no module" in caplog.text and "'lm_head'" not in caplog.text
+    with pytest.raises(ConfigError, match="not a valid pattern"):
+        skipped("model.layers.0.mlp.up_proj", ("mlp.(",))
+
+
 def _tiny_falcon():
     from transformers import AutoModelForCausalLM, FalconConfig
 
