@@ -251,12 +251,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: Evaluation, *,
     from .data import bos_id
     from .load import check_seq_len
 
-    bos = bos_id(tokenizer, cfg.bos) is not None
+    with_bos = bos_id(tokenizer, cfg.bos) is not None
     for m in (model, reference):
         if m is not None:
-            check_seq_len(m, cfg.seq_len, "evaluation.seq_len (--seq-len)", bos)
-    ids, bos_id = eval_ids(tokenizer, cfg)
-    result = evaluate_ids(model, ids, cfg.seq_len, bos_id=bos_id, reference=reference, progress=progress,
+            check_seq_len(m, cfg.seq_len, "evaluation.seq_len (--seq-len)", with_bos)  # before tokenizing
+    ids, bos = eval_ids(tokenizer, cfg)
+    result = evaluate_ids(model, ids, cfg.seq_len, bos_id=bos, reference=reference, progress=progress,
                           max_tokens=cfg.max_tokens, data=cfg.data)
     if reference is not None:
         ref_cfg = getattr(reference, "config", None)

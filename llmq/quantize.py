@@ -16,6 +16,7 @@ outlier threshold, which stock transformers reads back from `config.json`'s `qua
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import Counter
@@ -50,6 +51,20 @@ def _linear_like(module) -> bool:
     return isinstance(module, (torch.nn.Linear, Conv1D)) and not type(module).__module__.startswith("bitsandbytes")
 
 
+def _should_convert_v5(full_name: str, patterns: list[str]) -> bool:
+    # transformers 5's should_convert_module, for the transformers 4.x that pyproject allows (which has none)
+    return not any(re.match(rf"(?:{k})(?:(?<=\.)|(?=\.|$))", full_name) or full_name.endswith(k) for k in patterns)
+
+
+@functools.cache
+def _stock_rule():
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return _should_convert_v5
+    return should_convert_module
+
+
 def skipped(name: str, skip: tuple[str, ...]) -> bool:
     """Whether module `name` stays float under `skip` (written as `llm_int8_skip_modules`), by stock
     transformers' own rule, so llmq converts exactly what a stock reload rebuilds as int8: a key matches as a
@@ -58,13 +73,7 @@ def skipped(name: str, skip: tuple[str, ...]) -> bool:
     if not skip:
         return False
     try:
-        from transformers.quantizers.quantizers_utils import should_convert_module
-    except ImportError:  # older transformers: the same rule, written out
-        def should_convert_module(full_name: str, patterns: list[str]) -> bool:
-            return not any(re.match(rf"(?:{k})(?:(?<=\.)|(?=\.|$))", full_name) or full_name.endswith(k)
-                           for k in patterns)
-    try:
-        return not should_convert_module(name, list(skip))
+        return not _stock_rule()(name, list(skip))
     except re.error as e:
         raise ConfigError(f"quantization.skip (--skip) has an entry that is not a valid pattern ({e}); "
                           "give module names or name suffixes such as lm_head or down_proj") from None

@@ -109,6 +109,7 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
                     progress: bool = True) -> tuple[Report, CalibrationStats | None]:
     """Smooth (smoothquant only) and replace the linears with Int8 modules, in place; see `_quantize_`.
     Returns the report's quantization fields and the calibration statistics to save (None without)."""
+    check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
     report, stats, _ = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     return report, stats
 
@@ -126,7 +127,6 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
         scales = load_act_scales(cal.act_scales)
     check_scales(scales, targets, cal.act_scales)
     qnames = linear_names(model, q.skip)
-    check_skip_matches([n for n, _ in model.named_modules()], q.skip)
     if needs_windows(recipe):
         if windows is None:
             windows = calibration_set(tokenizer, cal)
@@ -202,6 +202,7 @@ def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = No
     """What `llmq quantize` does to the in-memory model: calibrate on `calibration.samples` windows, quantize
     in place, then the end-to-end checks on held-out windows (the guard of auto alpha, --max-kl). Returns
     (the model to ship: `model` or a rival the guard chose, its report fields, its statistics to save)."""
+    check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)  # once, not per rival
     windows, held = calibration_split(tokenizer, recipe, text)
     built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     if held is None:

@@ -49,6 +49,9 @@ def test_skip_rule_is_stock_transformers_rule(key):
 
     names = [n for n, _ in tiny_llama().named_modules()] + ["h.0.attn.c_proj", "h.0.mlp.c_proj", "model.layers.11.mlp"]
     assert [skipped(n, (key,)) for n in names] == [not should_convert_module(n, [key]) for n in names]
+    from llmq.quantize import _should_convert_v5  # the copy used where transformers has no such function
+
+    assert [_should_convert_v5(n, [key]) for n in names] == [should_convert_module(n, [key]) for n in names]
     assert skipped("model.layers.0.mlp.down_proj", ("proj",))
 
 
