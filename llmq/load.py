@@ -119,7 +119,7 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
          max_memory: dict | None = None, offload_folder: str | None = None,
          trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM and its tokenizer, in eval mode, on one device or spread by accelerate."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = source(model)
     kind = src.pop("kind")
@@ -143,9 +143,9 @@ def load(model: str, *, dtype: str = "auto", device: str = "auto", device_map: A
         kw["device_map"] = {"": dev.index or 0}
     try:
         m = AutoModelForCausalLM.from_pretrained(**kw)
-        tok = AutoTokenizer.from_pretrained(**{k: v for k, v in src.items()}, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers/gguf raise many types for unreadable checkpoints; all are user errors
         raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
+    tok = load_tokenizer(model, trust_remote_code)
     if kind == "gguf":  # GGUF weights are dequantized; forget the gguf quantizer so save_pretrained works
         m.hf_quantizer = None
         if hasattr(m.config, "quantization_config"):
@@ -180,7 +180,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
     src.pop("kind")
     try:
         return AutoTokenizer.from_pretrained(**src, trust_remote_code=trust_remote_code)
-    except Exception as e:  # as in load()
+    except Exception as e:  # transformers raises many types for an unreadable tokenizer; all are user errors
         raise ModelLoadError(_explain(model, e, trust_remote_code)) from None
 
 
