@@ -220,7 +220,8 @@ def _quantize(model_id: str, recipe, cfg: BenchConfig, progress: bool):
     m, tok = load(model_id, dtype=recipe.dtype, device=recipe.device)
     load_s = time.perf_counter() - t0
     cal_windows = calibration_windows(tok, recipe)
-    calibrating = recipe.quantization.method == "smoothquant" and recipe.smoothing.alpha != 0.0
+    q = recipe.quantization  # the output depends on the calibration windows: smoothing maxima, GPTQ Hessians
+    calibrating = (q.method == "smoothquant" and recipe.smoothing.alpha != 0.0) or q.gptq or q.max_kl is not None
     with torch.no_grad():  # read every weight once: from_pretrained may leave them memory-mapped
         for p in m.parameters():
             p.sum()
