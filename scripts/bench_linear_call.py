@@ -42,6 +42,8 @@ def main() -> None:
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # the fp16-cast notice
     from transformers import AutoModelForCausalLM
 
+    from llmq.gptq import dequantize
+
     model = AutoModelForCausalLM.from_pretrained(a.folder).eval()
     layer = model.model.layers[a.layer]
     rows = []
@@ -49,7 +51,7 @@ def main() -> None:
         if not hasattr(lin, "state"):  # not a bitsandbytes Linear8bitLt
             continue
         scb = lin.weight.SCB if getattr(lin.weight, "SCB", None) is not None else lin.state.SCB
-        w32 = lin.weight.float() * scb.float()[:, None] / 127
+        w32 = dequantize(lin.weight, scb)  # as bitsandbytes dequantizes
         x = torch.randn(1, 1, lin.in_features, dtype=torch.bfloat16)
         qa, _, _ = torch.ops.bitsandbytes.int8_vectorwise_quant(x.reshape(1, -1).half(), 0.0)
         wb, x32 = w32.bfloat16(), x.float()
