@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base-model", default=None, metavar="ID", help="Hub id the model card names as base_model")
     q.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
                    help="round weights to nearest (bitsandbytes' own) instead of GPTQ's error-compensated rounding")
+    q.add_argument("--rotate", action="store_true", default=None,
+                   help="rotate the residual stream by a randomized Hadamard matrix folded into the weights "
+                        "before quantizing (QuaRot's R1; llama, mistral, qwen2, qwen3, phi3, gemma; unties a "
+                        "tied lm_head; in-memory mode)")
     q.add_argument("--max-kl", type=float, default=None, metavar="X",
                    help="keep the most sensitive linears in 16-bit until the KL to FP on held-out calibration "
                         "windows is at most X (in-memory mode)")
@@ -123,6 +127,7 @@ def recipe_from_args(a: argparse.Namespace) -> Recipe:
         "quantization.method": a.method, "quantization.threshold": a.threshold,
         "quantization.skip": None if a.skip is None else tuple(dict.fromkeys([*recipe.quantization.skip, *a.skip])),
         "quantization.max_kl": a.max_kl, "quantization.gptq": a.gptq,
+        "quantization.rotate": a.rotate,
         "quantization.storage_dtype": a.storage_dtype, "base_model": a.base_model,
         "smoothing.alpha": a.alpha,
         "calibration.source": a.calib, "calibration.samples": a.calib_samples,

@@ -20,7 +20,10 @@ class CalibrationStats:
     act_max: dict[str, torch.Tensor]  # linear name -> [in_features] float32 running abs-max
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [n, in_features] float32
     tokens: int = 0
+    rotated: bool = False  # measured on a --rotate model (llmq/rotate.py): maxima of other channels
 
+
+_ROTATED = "llmq_rotated"  # act_scales.safetensors metadata key: "1" after --rotate; absent or "0" otherwise
 
 def _device_of(model) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
@@ -89,7 +92,8 @@ def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: t
 def save_act_scales(stats: CalibrationStats, path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in stats.act_max.items()}, str(path))
+    save_file({k: v.contiguous() for k, v in stats.act_max.items()}, str(path),
+              metadata={_ROTATED: "1" if stats.rotated else "0"})
 
 
 def load_act_scales(path) -> CalibrationStats:
@@ -105,7 +109,11 @@ def load_act_scales(path) -> CalibrationStats:
         raise ConfigError(f"--act-scales {str(p)!r} does not exist; pass the act_scales.safetensors of an "
                           "earlier llmq output")
     try:
-        return CalibrationStats(act_max={k: v.float() for k, v in load_file(str(p)).items()})
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            rotated = (f.metadata() or {}).get(_ROTATED) == "1"
+        return CalibrationStats(act_max={k: v.float() for k, v in load_file(str(p)).items()}, rotated=rotated)
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"--act-scales {str(p)!r} is not a readable safetensors file ({e}); pass the "
                           "act_scales.safetensors of an earlier llmq output") from None

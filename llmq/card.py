@@ -134,7 +134,20 @@ def _method(rep: Report, method: str) -> str:
     text = _METHOD.get(method, f"Method `{method}`.").format(t=("not recorded" if t is None or t != t else f"{t:g}"))
     return text + (" The int8 rows were chosen by GPTQ (error-compensated against each linear's input Hessian "
                    "from calibration, per-row clipped scales), not rounded to nearest." if rep.gptq else
-                   " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.")
+                   " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.") + _rotation(rep)
+
+
+def _rotation(rep: Report) -> str:
+    r = rep.rotation
+    if not isinstance(r, dict):
+        return ""
+    extra = _num(r.get("untied_lm_head_params")) or 0
+    return (f" Before calibrating, the residual stream was rotated by a {r.get('size')} x {r.get('size')} "
+            f"{r.get('kind', 'orthogonal')} matrix folded into the weights (QuaRot's R1: each norm's multipliers "
+            "moved into the linears it feeds, embedding and lm_head rotated), so the float model computes the "
+            "same logits while activations have smaller outliers; the weights therefore differ from the base "
+            "model's." + (f" lm_head was untied from the embedding for it: {extra / 1e6:.1f}M more parameters "
+                          "in the float dtype of the non-int8 tensors." if extra else ""))
 
 
 def _alpha(rep: Report, method: str) -> list[str]:

@@ -113,6 +113,7 @@ class Quantization:
     skip: tuple[str, ...] = ("lm_head",)
     max_kl: float | None = None  # keep the most sensitive linears in 16-bit until the held-out KL is <= this
     gptq: bool = True  # error-compensated int8 weights (GPTQ with input Hessians from calibration); False: RTN
+    rotate: bool = False  # rotate the residual stream first, folded into the weights (llmq/rotate.py)
     storage_dtype: str = "auto"  # of everything not int8; what stock from_pretrained runs it in (llmq/storage.py)
 
     def __post_init__(self) -> None:

@@ -37,13 +37,17 @@ class GuardResult:
 
 
 def rivals(recipe: Recipe, model_type: str) -> dict[str, Recipe]:
-    """The fixed-alpha recipes auto is checked against: alpha 0, and the family's alpha where it has one."""
+    """The recipes auto is checked against: alpha 0, the family's alpha where it has one, and with --rotate
+    the same auto search on the unrotated model (so asking for the rotation never ships a worse model)."""
     from .arch import ARCHS
 
     out = {"alpha 0": replace(recipe, smoothing=replace(recipe.smoothing, alpha=0.0))}
     arch = ARCHS.get(model_type)
     if arch is not None:
         out[f"family alpha {arch.alpha:g}"] = replace(recipe, smoothing=replace(recipe.smoothing, alpha=arch.alpha))
+    if recipe.quantization.rotate:
+        out["auto, no rotation"] = replace(recipe, quantization=replace(recipe.quantization, rotate=False),
+                                           calibration=replace(recipe.calibration, act_scales=None))
     return out
 
 

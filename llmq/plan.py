@@ -277,6 +277,10 @@ def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
                     else "neither fits; --sequential needs less")
             return False, f"in-memory ({need}; {fits})"
         why = f"sequential ({need})"
+    if recipe.quantization.rotate:
+        raise ConfigError("--rotate rotates the embedding, every layer and lm_head of the whole model, which "
+                          f"sequential mode ({why}) never holds at once; drop --rotate, or --sequential, or "
+                          "raise --max-memory")
     if evaluate:
         raise ConfigError("--eval needs the float and INT8 models in memory together, which sequential mode "
                           "avoids; quantize without --eval, then run `llmq eval OUT --max-memory ...`")

@@ -1,7 +1,7 @@
 """A quantization run: preflight (every input that can be checked without the model fails first), the typed
 Report, the atomic output folder, and the in-memory driver, which runs llmq/stage.py on the whole model:
 
-    load -> calibrate -> smooth -> quantize -> save -> (evaluate) -> card
+    load -> (rotate) -> calibrate -> smooth -> quantize -> save -> (evaluate) -> card
 
 llmq/sequential.py is the other driver (layer by layer, for models larger than memory); both write the
 same folder through `finish_output`.
@@ -27,6 +27,7 @@ from .load import check_seq_len, load, load_config
 from .memory import PeakMemory
 from .quantize import check_skip_matches, linear_names, mark_quantized_, replace_linears_
 from .report import CalibrationInfo, QuantizeInfo, Report
+from .rotate import check_rotatable, rotate_
 from .save import atomic_dir, check_output, save_checkpoint
 from .smooth import smooth_targets
 from .stage import BlockResult, check_scales, full_pass, needs_windows, quantize_block_
@@ -58,9 +59,21 @@ def preflight(recipe: Recipe, out: str | Path, overwrite: bool, evaluate: bool =
     cal = recipe.calibration
     text = load_text(cal.source, "calibration") if needs_windows(recipe) else None
     scales = load_act_scales(cal.act_scales) if needs_windows(recipe) and cal.act_scales else None
+    check_rotated(scales, recipe)
     if evaluate:
         load_text(recipe.evaluation.data, "evaluation")  # a bad eval source fails now, not after quantizing
     return Inputs(dest, text, scales)
+
+
+def check_rotated(scales: CalibrationStats | None, recipe: Recipe) -> None:
+    """ConfigError when --act-scales were measured with --rotate and this run is without it, or the reverse:
+    the maxima belong to other channels."""
+    rotate = recipe.quantization.rotate
+    if scales is not None and scales.rotated != rotate:
+        raise ConfigError(f"--act-scales {recipe.calibration.act_scales!r} were measured "
+                          f"{'with' if scales.rotated else 'without'} --rotate and this run is "
+                          f"{'with' if rotate else 'without'} it, so they describe other channels; "
+                          f"{'add' if scales.rotated else 'drop'} --rotate, or recalibrate without --act-scales")
 
 
 def block_report(recipe: Recipe, res: BlockResult) -> Report:
@@ -122,9 +135,11 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
     (llmq/layers.py, as the sequential driver does); otherwise once on the whole model. Also returns the
     stage's BlockResult."""
     q, cal = recipe.quantization, recipe.calibration
-    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
-    if targets and scales is None and cal.act_scales:
+    if q.method == "smoothquant" and scales is None and cal.act_scales:
         scales = load_act_scales(cal.act_scales)
+    check_rotated(scales, recipe)
+    rotation = rotate_(model) if q.rotate else None  # first: everything after sees the rotated model
+    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
     check_scales(scales, targets, cal.act_scales)
     qnames = linear_names(model, q.skip)
     if needs_windows(recipe):
@@ -142,7 +157,11 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
                               check_ids=None if windows is None else windows[:1], progress=progress)
     mark_quantized_(model, q)
     to_storage_dtype_(model, q.storage_dtype)  # what stock from_pretrained reloads; checked and evaluated as such
-    return block_report(recipe, res), saved_stats(scales, res), res
+    report, stats = block_report(recipe, res), saved_stats(scales, res)
+    report.rotation = rotation
+    if stats is not None:
+        stats.rotated = q.rotate
+    return report, stats, res
 
 
 def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torch.Tensor | None,
@@ -178,7 +197,8 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
 
     def build(rec: Recipe):
         m = load_fp()
-        return m, _quantize_(m, tok, rec, windows=windows, scales=scales, progress=False)
+        same = rec.quantization.rotate == recipe.quantization.rotate  # else its own maxima (guard.rivals)
+        return m, _quantize_(m, tok, rec, windows=windows, scales=scales if same else None, progress=False)
 
     fp = load_fp()  # the float reference of every held-out KL, loaded once for the guard and --max-kl
     if recipe.smoothing.alpha == "auto" and recipe.quantization.method == "smoothquant":
@@ -217,7 +237,10 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
     Returns the report (also written to out/llmq_report.json)."""
     inputs = preflight(recipe, out, overwrite, evaluate)
     cal = recipe.calibration
-    check_int8_supported(load_config(recipe.model, recipe.trust_remote_code).model_type)  # before the weights
+    model_type = load_config(recipe.model, recipe.trust_remote_code).model_type
+    check_int8_supported(model_type)  # before the weights
+    if recipe.quantization.rotate:
+        check_rotatable(model_type)
     model, tok = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
                       trust_remote_code=recipe.trust_remote_code)
     if needs_windows(recipe):

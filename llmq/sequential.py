@@ -24,7 +24,7 @@ from . import shards
 from .arch import layers_path
 from .calibrate import CalibrationStats
 from .config import Recipe
-from .errors import ModelLoadError, NumericalError
+from .errors import ConfigError, ModelLoadError, NumericalError
 from .layers import catch_inputs, quantize_layers_
 from .load import (
     check_causal,
@@ -192,6 +192,9 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     from transformers.core_model_loading import dot_natural_key
 
     q, cal = recipe.quantization, recipe.calibration
+    if q.rotate:
+        raise ConfigError("--rotate needs the whole model in memory (it rotates the embedding, every layer and "
+                          "lm_head together); sequential mode cannot run it: drop --rotate or --sequential")
     inputs = preflight(recipe, out, overwrite)
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)

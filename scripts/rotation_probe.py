@@ -5,7 +5,8 @@ float model is unchanged), and prints KL / top-1 / perplexity against the float3
 
     python scripts/rotation_probe.py [--model llmq:smollm2] [--data llmq:kjv] [--block 128] [--only-down]
 
-A probe for the next step, not a feature: a stock bitsandbytes checkpoint cannot run an online rotation.
+A probe, not a feature: a stock bitsandbytes checkpoint cannot run an online rotation (the residual-stream one,
+which folds into the weights, is `llmq quantize --rotate`: llmq/rotate.py).
 """
 
 import argparse
@@ -16,14 +17,7 @@ from llmq.config import Evaluation
 from llmq.evaluate import eval_ids, evaluate_ids
 from llmq.fakequant import SimMode, simulate_
 from llmq.load import load
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """Sylvester's n x n Hadamard matrix (n a power of 2), scaled to be orthonormal."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
+from llmq.rotate import hadamard
 
 
 def main() -> None:
@@ -43,7 +37,7 @@ def main() -> None:
         with torch.no_grad():
             for n in (n for n in names if rotate and n.endswith("down_proj")):
                 lin = m.get_submodule(n)
-                h = torch.block_diag(*[hadamard(a.block)] * (lin.in_features // a.block))
+                h = torch.block_diag(*[hadamard(a.block) / a.block**0.5] * (lin.in_features // a.block))
                 lin.weight.copy_((lin.weight.double() @ h).float())
                 hf = h.float()
                 lin.register_forward_pre_hook(lambda mod, args, hf=hf: (args[0] @ hf, *args[1:]))

@@ -42,6 +42,17 @@ def test_rivals_are_alpha_zero_and_the_family_alpha():
     r = rivals(Recipe(), "llama")
     assert [x.smoothing.alpha for x in r.values()] == [0.0, 0.85]
     assert [x.smoothing.alpha for x in rivals(Recipe(), "not-a-family").values()] == [0.0]
+    assert all(not x.quantization.rotate for x in r.values())
+
+
+def test_with_rotate_the_unrotated_auto_run_is_a_rival():
+    from dataclasses import replace
+
+    rec = replace(Recipe(), quantization=replace(Recipe().quantization, rotate=True))
+    r = rivals(rec, "llama")
+    assert list(r) == ["alpha 0", "family alpha 0.85", "auto, no rotation"]
+    assert [x.quantization.rotate for x in r.values()] == [True, True, False]
+    assert r["auto, no rotation"].smoothing.alpha == "auto"
 
 
 def _layer_feed(model, windows):

@@ -1,0 +1,169 @@
+"""Rotate the residual stream by a fixed orthogonal matrix Q (QuaRot's R1, Ashkboos et al. 2024), folded into
+the weights: a float model computes the same logits, and the checkpoint is an ordinary one of its family.
+
+Why: W8A8 quantizes each token's activations with one scale (its abs-max). A few residual channels carry
+outliers 10-100x the rest, so most channels of a token get a handful of int8 levels. x -> x Q with a
+randomized Hadamard Q spreads every channel over all of them; smoothing then has little left to move.
+
+How, per decoder layer (pre-norm RMSNorm families only, see ROTATABLE):
+- each norm's multipliers m (w, or Gemma's 1 + w) move into its consumers' input columns, W <- W diag(m), and
+  the norm keeps multipliers 1; RMSNorm(x Q) = RMSNorm(x) Q because Q keeps the norm of x;
+- consumers of the stream (q/k/v, gate/up; lm_head) get W <- W Q; writers (o_proj, down_proj) W <- Q^T W
+  and b <- b Q; the embedding E <- E Q.
+A tied lm_head cannot stay tied (the final norm's multipliers fold into it but not into the embedding), so it
+is untied: one more vocab x hidden matrix in the checkpoint, which the log and the report state.
+Families that normalise a sublayer's output before the residual add (Gemma 2/3's post-norms) and LayerNorm
+families (mean subtraction, biases) have no exact fold and are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedArchitecture
+from .smooth import smooth_targets
+
+log = logging.getLogger("llmq")
+
+ROTATABLE = ("gemma", "llama", "mistral", "phi3", "qwen2", "qwen3")
+_CHUNK = 4096  # rows (or columns) of a weight rotated at once in float64
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = [0] + [1 if a in squares else -1 for a in range(1, q)]
+    return torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+
+
+def _paley(n: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order n by Paley's constructions (q prime): I, n = q + 1, q = 3 mod 4; II,
+    n = 2(q + 1), q = 1 mod 4. None if neither applies."""
+    q = n - 1
+    if _is_prime(q) and q % 4 == 3:
+        s = torch.zeros(n, n, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+        return s + torch.eye(n, dtype=torch.float64)
+    q = n // 2 - 1
+    if n % 2 == 0 and _is_prime(q) and q % 4 == 1:
+        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
+        a = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        b = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
+    return None
+
+
+@lru_cache(maxsize=8)
+def hadamard(n: int) -> torch.Tensor | None:
+    """An n x n matrix of +-1 with H H^T = n I: Sylvester (2^k) times a Paley block; None when this small
+    catalogue has none (it covers 2^k times 12, 20, 28, 36, 44, 60, 68, 72, ... e.g. 576, 640, 896, 3584)."""
+    p = n & -n  # the largest power of 2 dividing n
+    while p >= 1:
+        m = n // p
+        base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
+        if base is not None:
+            return torch.kron(base, _sylvester(p))
+        p //= 2
+    return None
+
+
+def rotation(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """An n x n orthogonal float64 matrix and its kind: a Hadamard matrix with random signs on its rows
+    (D H / sqrt(n)), or, where `hadamard` has none for n, a random orthogonal matrix (QR of a Gaussian)."""
+    g = torch.Generator().manual_seed(seed)
+    h = hadamard(n)
+    if h is None:
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r)), "random orthogonal"
+    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    return signs[:, None] * h / n**0.5, "randomized Hadamard"
+
+
+def check_rotatable(model_type: str | None) -> None:
+    if model_type not in ROTATABLE:
+        raise UnsupportedArchitecture(
+            f"--rotate supports {', '.join(ROTATABLE)}, not {model_type!r}: the rotation folds into the weights "
+            "only where every sublayer reads the residual stream through an RMSNorm and writes it back "
+            "unnormalised (Gemma 2/3 normalise sublayer outputs; OPT, GPT-2, GPT-NeoX, BLOOM use LayerNorm); "
+            "drop --rotate")
+
+
+def _rotate_in_(w: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None = None) -> None:
+    """w [out, in] <- (w diag(m)) Q, in float64 chunks of rows, stored in w's dtype."""
+    qd = q.to(w.device)
+    for i in range(0, w.shape[0], _CHUNK):
+        x = w[i:i + _CHUNK].double()
+        if m is not None:
+            x = x * m.to(w.device)
+        w[i:i + _CHUNK] = (x @ qd).to(w.dtype)
+
+
+def _rotate_out_(lin: nn.Linear, q: torch.Tensor) -> None:
+    """A writer of the stream: weight [hidden, in] <- Q^T weight, bias <- bias Q."""
+    w, qd = lin.weight, q.to(lin.weight.device)
+    for j in range(0, w.shape[1], _CHUNK):
+        w[:, j:j + _CHUNK] = (qd.T @ w[:, j:j + _CHUNK].double()).to(w.dtype)
+    if lin.bias is not None:
+        lin.bias.copy_((lin.bias.double() @ qd).to(lin.bias.dtype))
+
+
+def _take_norm(norm: nn.Module, kind: str) -> torch.Tensor:
+    """The norm's per-channel multipliers (float64), which it then stops applying (w = 1, Gemma w = 0)."""
+    if getattr(norm, "bias", None) is not None:
+        raise UnsupportedArchitecture(f"{type(norm).__name__} has a bias; --rotate needs bias-free RMSNorms")
+    gemma = kind == "gemma_norm"
+    m = norm.weight.detach().double() + (1.0 if gemma else 0.0)
+    norm.weight.fill_(0.0 if gemma else 1.0)
+    return m
+
+
+@torch.no_grad()
+def rotate_(model: nn.Module, seed: int = 0) -> dict:
+    """Rotate `model`'s residual stream in place (see the module docstring); returns what was done: the
+    rotation's kind and size and the parameters an untied lm_head adds. Float logits are unchanged up to rounding
+    in the model's dtype."""
+    check_rotatable(model.config.model_type)
+    cfg = model.config.get_text_config()
+    n = cfg.hidden_size
+    q, kind = rotation(n, seed)
+    targets = {(t.key.rsplit(".", 1)[0], t.group): t for t in smooth_targets(model)}
+    layers = sorted({base for base, _ in targets}, key=lambda b: int(b.rsplit(".", 1)[1]))
+    norm_kind = "norm"
+    for base in layers:
+        for group in ("attn", "mlp"):
+            t = targets[(base, group)]
+            norm_kind = t.prev_kind
+            m = _take_norm(model.get_submodule(t.prev_name), t.prev_kind)
+            for name in t.linear_names:
+                _rotate_in_(model.get_submodule(name).weight, q, m)
+        for group in ("v_o", "up_down"):
+            for name in targets[(base, group)].linear_names:
+                _rotate_out_(model.get_submodule(name), q)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = 0
+    if head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        untied = head.weight.numel()
+        model.config.tie_word_embeddings = False
+        cfg.tie_word_embeddings = False
+        log.info("rotate: lm_head untied from the embedding (the final norm folds into it): +%.1fM parameters "
+                 "(+%.1f MB at 16-bit)", untied / 1e6, untied * 2 / 1e6)
+    _rotate_in_(head.weight, q, _take_norm(model.get_decoder().norm, norm_kind))
+    _rotate_in_(emb.weight, q)
+    log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix", len(layers), n, n, kind)
+    return {"kind": kind, "size": n, "seed": seed, "untied_lm_head_params": untied}

@@ -1,0 +1,165 @@
+"""--rotate (llmq/rotate.py): the residual-stream rotation is exact in float for every family it accepts, tied
+or not; it refuses the others; it lowers W8A8 error where the stream has outlier channels; and a rotated,
+quantized checkpoint reloads in stock transformers as the model llmq evaluated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_text, tiny_tokenizer
+from test_smooth import CASES, _build, _logits
+
+from llmq.errors import UnsupportedArchitecture
+from llmq.rotate import ROTATABLE, hadamard, rotate_, rotation
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 28, 36, 64, 576, 640, 896, 1536, 2560, 3584, 4096])
+def test_hadamard_catalogue(n):
+    h = hadamard(n)
+    assert h is not None and set(h.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [64, 100])  # 100 = 4 x 25: no Hadamard matrix in the catalogue
+def test_rotation_is_orthogonal_and_seeded(n):
+    q, kind = rotation(n, seed=3)
+    assert kind == ("randomized Hadamard" if n == 64 else "random orthogonal")
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(q, rotation(n, seed=3)[0]) and not torch.equal(q, rotation(n, seed=4)[0])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("case", ROTATABLE)
+def test_rotation_leaves_float_logits_unchanged(case, tied):
+    model, _ = _build(case)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head.weight = emb.weight if tied else torch.nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = tied
+    ref = _logits(model)
+    info = rotate_(model)
+    assert (_logits(model) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert info["untied_lm_head_params"] == (emb.weight.numel() if tied else 0)
+    assert model.get_output_embeddings().weight.data_ptr() != emb.weight.data_ptr()
+    gemma = case == "gemma"
+    norms = [m for n, m in model.named_modules() if n.endswith(("layernorm", ".norm"))]
+    assert norms and all(torch.all(m.weight == (0.0 if gemma else 1.0)) for m in norms)
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(ROTATABLE)))
+def test_families_without_an_exact_fold_are_refused(case):
+    model, _ = _build(case)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitecture, match="--rotate supports"):
+        rotate_(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _stream_readers_error(model, ids) -> float:
+    """Mean relative W8A8 error (bitsandbytes' scheme: per-token activations, per-row weights) of the outputs
+    of the linears that read the residual stream (q/k/v, gate/up), on their real inputs."""
+    from llmq.fakequant import fq
+
+    errs, hooks = [], []
+
+    def hook(mod, args):
+        x, w = args[0].double(), mod.weight.double()
+        exact = x @ w.T
+        errs.append(((fq(x, -1) @ fq(w, -1).T - exact).norm() / exact.norm()).item())
+
+    for n, m in model.named_modules():
+        if n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return sum(errs) / len(errs)
+
+
+def test_rotation_lowers_w8a8_error_when_the_stream_has_outlier_channels():
+    """Two residual channels 30x the rest (as real models have): per-token int8 gives the other channels few
+    levels; rotated, the same model (identical float logits) spreads the outliers over every channel."""
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    err = {}
+    for rotate in (False, True):
+        model = tiny_llama(hidden_size=128, num_attention_heads=4)
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, [5, 77]] *= 30
+            for layer in model.model.layers:  # and the norms pass them on, as trained norms do
+                layer.input_layernorm.weight[[5, 77]] *= 10
+                layer.post_attention_layernorm.weight[[5, 77]] *= 10
+        if rotate:
+            rotate_(model)
+        err[rotate] = _stream_readers_error(model, ids)
+    assert err[True] < 0.5 * err[False]
+
+
+def _tiny_run(tmp_path, alpha):
+    from llmq.config import Recipe
+    from llmq.run import run
+
+    src = tmp_path / "tiny"
+    tiny_llama(tie_word_embeddings=True).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text = tmp_path / "cal.txt"
+    text.write_text(tiny_text(3000))
+    recipe = Recipe.from_dict({"model": str(src), "device": "cpu", "smoothing": {"alpha": alpha},
+                               "calibration": {"source": str(text), "samples": 4, "seq_len": 32},
+                               "quantization": {"rotate": True}})
+    return src, run(recipe, tmp_path / "q", progress=False)
+
+
+def test_act_scales_remember_whether_they_were_rotated(tmp_path):
+    from llmq.calibrate import CalibrationStats, load_act_scales, save_act_scales
+    from llmq.config import Recipe
+    from llmq.errors import ConfigError
+    from llmq.run import run
+
+    src, _ = _tiny_run(tmp_path, 0.5)
+    scales = tmp_path / "q" / "act_scales.safetensors"
+    assert load_act_scales(scales).rotated
+    save_act_scales(CalibrationStats(act_max={"a": torch.ones(3)}), tmp_path / "plain.safetensors")
+    assert not load_act_scales(tmp_path / "plain.safetensors").rotated
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3)}, tmp_path / "old.safetensors")  # written before the metadata existed
+    assert not load_act_scales(tmp_path / "old.safetensors").rotated
+    unrotated = Recipe.from_dict({"model": str(src), "smoothing": {"alpha": 0.5},
+                                  "calibration": {"source": str(tmp_path / "cal.txt"), "act_scales": str(scales)}})
+    with pytest.raises(ConfigError, match="measured with --rotate and this run is without it"):
+        run(unrotated, tmp_path / "q2", progress=False)
+    assert not (tmp_path / "q2").exists()
+
+
+def test_rotated_checkpoint_reloads_in_stock_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, report = _tiny_run(tmp_path, 0.5)
+    assert report.rotation["kind"] == "randomized Hadamard" and report.rotation["size"] == 64
+    assert report.rotation["untied_lm_head_params"] == 256 * 64
+    assert json.loads((tmp_path / "q" / "llmq_report.json").read_text())["rotation"] == report.rotation
+    assert "rotated by a 64 x 64 randomized Hadamard matrix" in (tmp_path / "q" / "README.md").read_text()
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    fp = AutoModelForCausalLM.from_pretrained(src)
+    assert q.config.tie_word_embeddings is False
+    assert q.lm_head.weight.data_ptr() != q.model.embed_tokens.weight.data_ptr()
+    assert type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    ids = torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = q(input_ids=ids).logits.float(), fp(input_ids=ids).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_guard_checks_auto_with_rotation_against_auto_without(tmp_path):
+    """The guard's rivals include the unrotated auto run; what ships is the candidate with the lowest held-out
+    KL, and the checkpoint and report say whether it is rotated."""
+    _, report = _tiny_run(tmp_path, "auto")
+    cand = report.guard["candidates"]
+    assert set(cand) == {"auto", "alpha 0", "family alpha 0.85", "auto, no rotation"}
+    assert report.guard["chosen"] == min(cand, key=lambda k: cand[k]["kl_divergence"])
+    rotated = report.guard["chosen"] != "auto, no rotation"
+    assert (report.rotation is not None) == rotated
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg.get("tie_word_embeddings", True) is not rotated
