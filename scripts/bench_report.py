@@ -46,13 +46,18 @@ def describe(r: dict[str, Any]) -> str:
     if r["kind"] == "peer":
         return f"stock transformers `BitsAndBytesConfig(load_in_8bit=True)` (threshold {r['quantize']['threshold']:g})"
     q, rec = r["quantize"], r["recipe"]
-    method = rec["quantization"]["method"]
+    qz = rec["quantization"]
+    method = qz["method"]
+    skip = [s for s in qz.get("skip", []) if s != "lm_head"]
+    extra = "".join([", residual stream rotated" if qz.get("rotate") else "",
+                     f", {', '.join(skip)} kept in 16-bit" if skip else "",
+                     ", round-to-nearest weights" if qz.get("gptq") is False else ""])
     if method != "smoothquant":
-        return f"llmq `{method}` (threshold {q['threshold']:g}), {r['recipe_file']}"
+        return f"llmq `{method}` (threshold {q['threshold']:g}){extra}, {r['recipe_file']}"
     alpha = "auto" if q["alpha"] == "auto" else f"{q['alpha']:g}"
     mean = f", mean alpha {q['mean_alpha']:.2f}" if q["alpha"] == "auto" and q["mean_alpha"] is not None else ""
-    return (f"llmq `smoothquant` W8A8, alpha {alpha}{mean}, groups {', '.join(rec['smoothing']['groups'])}, "
-            f"{r['recipe_file']}")
+    return (f"llmq `smoothquant` W8A8, alpha {alpha}{mean}, groups {', '.join(rec['smoothing']['groups'])}"
+            f"{extra}, {r['recipe_file']}")
 
 
 def main_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
