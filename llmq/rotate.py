@@ -27,7 +27,7 @@ from torch import nn
 from .errors import UnsupportedArchitecture
 from .smooth import smooth_targets
 
-log = logging.getLogger("llmq")
+log = logging.getLogger(__name__)
 
 ROTATABLE = ("gemma", "llama", "mistral", "phi3", "qwen2", "qwen3")
 _CHUNK = 4096  # rows (or columns) of a weight rotated at once in float64
@@ -143,11 +143,9 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     q, kind = rotation(n, seed)
     targets = {(t.key.rsplit(".", 1)[0], t.group): t for t in smooth_targets(model)}
     layers = sorted({base for base, _ in targets}, key=lambda b: int(b.rsplit(".", 1)[1]))
-    norm_kind = "norm"
     for base in layers:
         for group in ("attn", "mlp"):
             t = targets[(base, group)]
-            norm_kind = t.prev_kind
             m = _take_norm(model.get_submodule(t.prev_name), t.prev_kind)
             for name in t.linear_names:
                 _rotate_in_(model.get_submodule(name).weight, q, m)
@@ -163,7 +161,8 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
         cfg.tie_word_embeddings = False
         log.info("rotate: lm_head untied from the embedding (the final norm folds into it): +%.1fM parameters "
                  "(+%.1f MB at 16-bit)", untied / 1e6, untied * 2 / 1e6)
-    _rotate_in_(head.weight, q, _take_norm(model.get_decoder().norm, norm_kind))
+    final_kind = targets[(layers[-1], "attn")].prev_kind  # the final norm is of the layers' kind
+    _rotate_in_(head.weight, q, _take_norm(model.get_decoder().norm, final_kind))
     _rotate_in_(emb.weight, q)
     log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix", len(layers), n, n, kind)
     return {"kind": kind, "size": n, "seed": seed, "untied_lm_head_params": untied}

@@ -135,11 +135,11 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
     (llmq/layers.py, as the sequential driver does); otherwise once on the whole model. Also returns the
     stage's BlockResult."""
     q, cal = recipe.quantization, recipe.calibration
-    if q.method == "smoothquant" and scales is None and cal.act_scales:
+    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
+    if targets and scales is None and cal.act_scales:
         scales = load_act_scales(cal.act_scales)
     check_rotated(scales, recipe)
-    rotation = rotate_(model) if q.rotate else None  # first: everything after sees the rotated model
-    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
+    rotation = rotate_(model) if q.rotate else None  # before calibration; module names and shapes do not change
     check_scales(scales, targets, cal.act_scales)
     qnames = linear_names(model, q.skip)
     if needs_windows(recipe):
