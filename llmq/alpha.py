@@ -38,6 +38,18 @@ def w8a8_error(x: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.
     return float((y - ref).pow(2).sum())
 
 
+def weight_only_error(x: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.Tensor,
+                      x_max: torch.Tensor | None = None) -> float:
+    """Squared error of int8 per-row weights (W8A16: the input stays float) after rescaling by s_in."""
+    y = (x / s_in) @ fq(w * s_in, dim=-1).t()
+    return float((y - ref).pow(2).sum())
+
+
+def group_error(act: str) -> ErrorFn:
+    """The per-group error for llmq/stage.py's simulated input ("token": W8A8, "none": weight-only)."""
+    return weight_only_error if act == "none" else w8a8_error
+
+
 @torch.no_grad()
 def search_alpha_(model, targets: Sequence[SmoothTarget], stats: CalibrationStats, grid: Sequence[float],
                   error: ErrorFn = w8a8_error, progress: bool = True,
@@ -75,11 +87,12 @@ def layer_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @torch.no_grad()
 def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[str], stats: CalibrationStats,
-                        grid: Sequence[float], windows: Sequence[int] = (0,),
+                        grid: Sequence[float], windows: Sequence[int] = (0,), act: str = "token",
                         ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Pick and apply, in place, one alpha per group of one decoder layer, scored by the error of the whole
     layer's output (attention with its norms, RoPE and q/k norms, and the MLP) under simulated bitsandbytes
-    W8A8 on all the layer's linears `qnames`, against the float layer, on the cached inputs of `windows`.
+    W8A8 (`act` "token"; "none": weight-only, inputs left float) on all the layer's linears `qnames`,
+    against the float layer, on the cached inputs of `windows`.
 
     `feed` is llmq/layers.py's Feed (`output(w)` runs the layer on window w). Start: the better of alpha 0
     everywhere and the per-group search above; then one coordinate sweep, group by group, over the values of
@@ -105,7 +118,7 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
         def watch(module, args, out):
             peak[0], peak[1] = max(peak[0], float(args[0].abs().max())), max(peak[1], float(out.abs().max()))
 
-        handles = simulate_(feed, SimMode("token", "channel"), qnames)
+        handles = simulate_(feed, SimMode(act, "channel"), qnames)
         handles += [feed.get_submodule(n).register_forward_hook(watch) for n in qnames]
         try:
             err = sum(layer_error(feed.output(w).float(), r.float()) for w, r in zip(windows, ref, strict=True))
@@ -114,7 +127,7 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
                 h.remove()
         return err if fits_fp16(w_max, peak[0], peak[1]) and err == err else float("inf")
 
-    start, _ = search_alpha_(feed, targets, stats, grid, progress=False)  # per group, applied: undone in score
+    start, _ = search_alpha_(feed, targets, stats, grid, error=group_error(act), progress=False)  # undone in score
     zero = dict.fromkeys(keys, 0.0)
     e_start, e_zero = score(start), score(zero)
     best, best_err = (dict(start), e_start) if e_start < e_zero else (zero, e_zero)

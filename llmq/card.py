@@ -134,7 +134,18 @@ def _method(rep: Report, method: str) -> str:
     text = _METHOD.get(method, f"Method `{method}`.").format(t=("not recorded" if t is None or t != t else f"{t:g}"))
     return text + (" The int8 rows were chosen by GPTQ (error-compensated against each linear's input Hessian "
                    "from calibration, per-row clipped scales), not rounded to nearest." if rep.gptq else
-                   " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.") + _rotation(rep)
+                   " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.") + _scaled(rep, method) \
+        + _rotation(rep)
+
+
+def _scaled(rep: Report, method: str) -> str:
+    alphas = rep.alphas if isinstance(rep.alphas, dict) else {}
+    if method != "weight-only" or not any(_num(a) for a in alphas.values()):
+        return ""
+    return (" Before rounding, input channels with large activations were given larger weight columns "
+            "(activation-aware scaling, AWQ's idea with SmoothQuant's formula: weights multiplied by "
+            "s = max|X|^alpha / max|W|^(1-alpha), the preceding norm or linear divided by s), which leaves the "
+            "float model's output unchanged and gives those channels a relatively finer int8 grid; alpha below.")
 
 
 def _rotation(rep: Report) -> str:

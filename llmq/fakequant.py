@@ -4,7 +4,8 @@ which applies it to a model's linears with forward pre-hooks.
 Used to score smoothing alphas (llmq/alpha.py) and for the SmoothQuant paper's granularities in the
 benchmarks (llmq/simulate.py). Symmetric, 127 levels each side, like bitsandbytes' vector-wise int8.
 Activations (`SimMode.act`): ``token`` (O1, per-token dynamic: bitsandbytes' W8A8), ``tensor`` (O2,
-per-tensor dynamic), ``static`` (O3, one calibrated scale per linear, values beyond it clipped).
+per-tensor dynamic), ``static`` (O3, one calibrated scale per linear, values beyond it clipped), ``none``
+(inputs left float: weight-only W8A16).
 Weights (`SimMode.weight`): ``channel`` (per output row: bitsandbytes') or ``tensor``.
 """
 
@@ -32,7 +33,7 @@ def fq(x: torch.Tensor, dim: int | None, amax: float | None = None) -> torch.Ten
     return (x / scale).round().clamp(-127, 127) * scale
 
 
-ACTIVATIONS = {"token": "O1", "tensor": "O2", "static": "O3"}
+ACTIVATIONS = {"token": "O1", "tensor": "O2", "static": "O3", "none": "W16"}
 WEIGHTS = ("channel", "tensor")
 
 
@@ -55,7 +56,10 @@ class SimMode:
 
 
 def fq_act(x: torch.Tensor, act: str, amax: float | None = None) -> torch.Tensor:
-    """Fake-quantize an activation tensor: per token (last dim), per tensor, or static with `amax`."""
+    """Fake-quantize an activation tensor: per token (last dim), per tensor, or static with `amax`; `none`
+    returns it untouched."""
+    if act == "none":
+        return x
     if act == "static":
         if amax is None:
             raise ConfigError("static (O3) activation quantization needs a calibrated abs-max; got None")
@@ -85,7 +89,8 @@ def simulate_(model: nn.Module, mode: SimMode, names: Sequence[str],
         def hook(module, args, a=a):
             return (fq_act(args[0], mode.act, a).to(args[0].dtype), *args[1:])
 
-        handles.append(m.register_forward_pre_hook(hook))
+        if mode.act != "none":
+            handles.append(m.register_forward_pre_hook(hook))
     return handles
 
 

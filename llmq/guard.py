@@ -1,12 +1,12 @@
 """The end-to-end guard of `--alpha auto`: a choice the code makes is checked on windows it did not see.
 
-After the auto model is built, the same recipe is quantized twice more, with alpha 0 (no smoothing: naive
-W8A8) and with the family's published alpha (llmq/arch.py), and each model's KL(FP || int8), top-1
-agreement and NLL are measured on calibration windows held out from calibration and the alpha search
-(llmq.evaluate's protocol, windows of calibration.seq_len). The model with the lowest KL ships: auto is
-never worse than alpha 0 on the guard's KL, and the report says when it fell back. Each candidate is
-built from a fresh load of the float model; at most the float reference, the auto model and one rival
-are in memory at once.
+After the auto model is built, the same recipe is quantized again with alpha 0 (no smoothing: naive W8A8,
+or weight-only without rescaling) and, for W8A8, with the family's published alpha (llmq/arch.py), and each
+model's KL(FP || int8), top-1 agreement and NLL are measured on calibration windows held out from
+calibration and the alpha search (llmq.evaluate's protocol, windows of calibration.seq_len). The model with
+the lowest KL ships: auto is never worse than alpha 0 on the guard's KL, and the report says when it fell
+back. Each candidate is built from a fresh load of the float model; at most the float reference, the auto
+model and one rival are in memory at once.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ class GuardResult:
 
 
 def rivals(recipe: Recipe, model_type: str) -> dict[str, Recipe]:
-    """The recipes auto is checked against: alpha 0, the family's alpha where it has one, and with --rotate
-    the same auto search on the unrotated model (so asking for the rotation never ships a worse model)."""
+    """The recipes auto is checked against: alpha 0, the family's alpha where it has one (W8A8 only: the
+    published alphas are SmoothQuant's, not weight-only scaling's), and with --rotate the same auto search on
+    the unrotated model (so asking for the rotation never ships a worse model)."""
     from .arch import ARCHS
 
     out = {"alpha 0": replace(recipe, smoothing=replace(recipe.smoothing, alpha=0.0))}
     arch = ARCHS.get(model_type)
-    if arch is not None:
+    if arch is not None and recipe.quantization.method == "smoothquant":
         out[f"family alpha {arch.alpha:g}"] = replace(recipe, smoothing=replace(recipe.smoothing, alpha=arch.alpha))
     if recipe.quantization.rotate:
         out["auto, no rotation"] = replace(recipe, quantization=replace(recipe.quantization, rotate=False),

@@ -29,8 +29,7 @@ from .quantize import check_skip_matches, linear_names, mark_quantized_, replace
 from .report import CalibrationInfo, QuantizeInfo, Report
 from .rotate import check_rotatable, rotate_
 from .save import atomic_dir, check_output, save_checkpoint
-from .smooth import smooth_targets
-from .stage import BlockResult, check_scales, full_pass, needs_windows, quantize_block_
+from .stage import BlockResult, check_scales, full_pass, needs_windows, quantize_block_, smoothing_targets
 from .storage import to_storage_dtype_
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ def block_report(recipe: Recipe, res: BlockResult) -> Report:
     """The quantization fields of the report from what the stage(s) chose and measured."""
     q, sm, cal = recipe.quantization, recipe.smoothing, recipe.calibration
     rep = Report(method=q.method, threshold=q.effective_threshold, skip=list(q.skip), gptq=q.gptq)
-    if q.method == "smoothquant":
+    if q.method == "smoothquant" or res.alphas:  # weight-only: when it was rescaled
         rep.alpha, rep.alphas = sm.alpha, res.alphas
     if needs_windows(recipe):
         rep.calibration = CalibrationInfo(cal.source, cal.samples, cal.seq_len, cal.seed, res.tokens, cal.act_scales)
@@ -120,7 +119,7 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
 def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None = None,
                     scales: CalibrationStats | None = None,
                     progress: bool = True) -> tuple[Report, CalibrationStats | None]:
-    """Smooth (smoothquant only) and replace the linears with Int8 modules, in place; see `_quantize_`.
+    """Smooth (smoothquant, weight-only) and replace the linears with Int8 modules, in place; see `_quantize_`.
     Returns the report's quantization fields and the calibration statistics to save (None without)."""
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
     report, stats, _ = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
@@ -130,12 +129,12 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
 def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None = None,
                scales: CalibrationStats | None = None,
                progress: bool = True) -> tuple[Report, CalibrationStats | None, BlockResult]:
-    """Smooth (smoothquant only) and replace the linears with Int8 modules, in place. With calibration text
-    (smoothquant, GPTQ, --max-kl) llmq/stage.py runs layer by layer on the calibration windows
+    """Smooth (llmq/stage.py's `smooths`) and replace the linears with Int8 modules, in place. With calibration
+    text (smoothing, GPTQ, --max-kl) llmq/stage.py runs layer by layer on the calibration windows
     (llmq/layers.py, as the sequential driver does); otherwise once on the whole model. Also returns the
     stage's BlockResult."""
     q, cal = recipe.quantization, recipe.calibration
-    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
+    targets = smoothing_targets(model, recipe)
     if targets and scales is None and cal.act_scales:
         scales = load_act_scales(cal.act_scales)
     check_rotated(scales, recipe)
@@ -201,12 +200,14 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
         return m, _quantize_(m, tok, rec, windows=windows, scales=scales if same else None, progress=False)
 
     fp = load_fp()  # the float reference of every held-out KL, loaded once for the guard and --max-kl
-    if recipe.smoothing.alpha == "auto" and recipe.quantization.method == "smoothquant":
+    if recipe.smoothing.alpha == "auto" and report.alphas:  # smoothquant, or weight-only that was rescaled
         model, won, result = guard_(model, recipe, held, fp, build)
         if won is not None:
-            alpha, auto_stats = report.alpha, stats
+            alpha, auto_stats, auto_alphas = report.alpha, stats, report.alphas
             report, stats, res = won
             report.alpha = alpha  # as asked ("auto"); the alphas are the rival's
+            if not report.alphas and auto_alphas:  # weight-only alpha 0 rescales nothing: every group at 0
+                report.alphas = dict.fromkeys(auto_alphas, 0.0)
             stats = stats or auto_stats  # the maxima auto calibrated stay reusable (--act-scales)
         report.guard = {"chosen": result.chosen, "fell_back": result.fell_back,
                         "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,

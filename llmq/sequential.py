@@ -41,8 +41,7 @@ from .quantize import bnb_quantization_config, check_finite_weights, check_skip_
 from .report import QuantizeInfo, Report
 from .run import block_report, calibration_split, finish_output, preflight, saved_stats, stamp_
 from .save import atomic_dir
-from .smooth import smooth_targets
-from .stage import check_scales, full_pass, needs_windows
+from .stage import check_scales, full_pass, needs_windows, smoothing_targets
 from .storage import cast_unquantized_, storage_dtype, stored_dtype
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     check_causal(config, recipe.model)
     model = skeleton(config, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     model.config.use_cache = False  # as llmq.load.load
-    targets = smooth_targets(model, recipe.smoothing.groups) if q.method == "smoothquant" else []
+    targets = smoothing_targets(model, recipe)
     check_scales(inputs.scales, targets, cal.act_scales)
     src = source(recipe.model)["pretrained_model_name_or_path"]
     tok = load_tokenizer(recipe.model, recipe.trust_remote_code)

@@ -43,11 +43,43 @@ class BlockResult:
     sensitivity: dict[str, float] = field(default_factory=dict)
 
 
+def smooths(recipe: Recipe) -> bool:
+    """Whether the run rescales input channels (llmq/smooth.py): every smoothquant run (alpha 0 included, so
+    its per-group alphas are reported), and weight-only unless alpha is 0. For weight-only the same
+    s = max|X|^a / max|W|^(1-a) is activation-aware weight scaling (AWQ's idea, with SmoothQuant's formula):
+    channels with large inputs get larger weight columns, so a relatively finer int8 grid, while the
+    activations, which stay 16-bit, are divided by s for free. llm-int8 is never rescaled: its outlier
+    split is decided by the activations' own magnitudes."""
+    q, a = recipe.quantization, recipe.smoothing.alpha
+    return q.method == "smoothquant" or (q.method == "weight-only" and a != 0.0)
+
+
+def smoothing_targets(model: nn.Module, recipe: Recipe) -> list[SmoothTarget]:
+    """The smoothing groups a run rescales: none unless `smooths`; for weight-only also none (said in the
+    log) on a family llmq/arch.py has no table entry for, since weight-only needs none; smoothquant raises."""
+    if not smooths(recipe):
+        return []
+    from .arch import ARCHS
+    from .smooth import smooth_targets
+
+    if recipe.quantization.method == "weight-only" and model.config.model_type not in ARCHS:
+        log.info("weight-only: no smoothing table entry for %r, so no activation-aware scaling",
+                 model.config.model_type)
+        return []
+    return smooth_targets(model, recipe.smoothing.groups)
+
+
+def simulated_act(recipe: Recipe) -> str:
+    """How the alpha search simulates a linear's input: per-token int8 (W8A8), or untouched (weight-only)."""
+    return "none" if recipe.quantization.method == "weight-only" else "token"
+
+
 def needs_windows(recipe: Recipe) -> bool:
     """Whether a run needs calibration text: every smoothquant run does (maxima, or at least window 0 for the
-    fp16 range check), every GPTQ run (input Hessians) and every --max-kl run (held-out windows)."""
+    fp16 range check), every rescaled weight-only run (maxima), every GPTQ run (input Hessians) and every
+    --max-kl run (held-out windows)."""
     q = recipe.quantization
-    return q.method == "smoothquant" or q.gptq or q.max_kl is not None
+    return smooths(recipe) or q.gptq or q.max_kl is not None
 
 
 def full_pass(recipe: Recipe, have_scales: bool) -> bool:
@@ -60,8 +92,7 @@ def collects(recipe: Recipe, have_scales: bool) -> bool:
     """Whether the stage runs every calibration window through the float block: activation maxima for a
     fixed alpha without --act-scales, and maxima + rows for auto. Otherwise only window 0 is needed."""
     sm = recipe.smoothing
-    return recipe.quantization.method == "smoothquant" and (sm.alpha == "auto" or (sm.alpha != 0.0 and not
-                                                                                    have_scales))
+    return smooths(recipe) and (sm.alpha == "auto" or (sm.alpha != 0.0 and not have_scales))
 
 
 def check_scales(scales: CalibrationStats | None, targets: list[SmoothTarget], path: str | None) -> None:
@@ -115,11 +146,13 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
             from .alpha import search_layer_alpha_
 
             res.alphas, res.errors = search_layer_alpha_(root, targets, qnames, stats, sm.grid,
-                                                         windows=range(min(sm.score_windows, ids.shape[0])))
+                                                         windows=range(min(sm.score_windows, ids.shape[0])),
+                                                         act=simulated_act(recipe))
         elif auto:
-            from .alpha import search_alpha_
+            from .alpha import group_error, search_alpha_
 
-            res.alphas, res.errors = search_alpha_(root, targets, stats, sm.grid, progress=progress)
+            res.alphas, res.errors = search_alpha_(root, targets, stats, sm.grid, progress=progress,
+                                                   error=group_error(simulated_act(recipe)))
         elif sm.alpha != 0.0:
             res.alphas = smooth_(root, stats.act_max, sm.alpha, targets=targets)
         else:

@@ -52,6 +52,8 @@ def describe(r: dict[str, Any]) -> str:
     extra = "".join([", residual stream rotated" if qz.get("rotate") else "",
                      f", {', '.join(skip)} kept in 16-bit" if skip else "",
                      ", round-to-nearest weights" if qz.get("gptq") is False else ""])
+    if method == "weight-only":  # the report has no alpha when nothing was rescaled
+        extra += f", activation-aware scaling alpha {q['alpha']}" if q.get("alpha") not in (None, 0) else ", no scaling"
     if method != "smoothquant":
         return f"llmq `{method}` (threshold {q['threshold']:g}){extra}, {r['recipe_file']}"
     alpha = "auto" if q["alpha"] == "auto" else f"{q['alpha']:g}"

@@ -251,7 +251,8 @@ def row_llmq(row: dict, cfg: BenchConfig, model_id: str, work: Path, progress: b
     m, tok, report, stats, q, cal_windows = _quantize(model_id, recipe, cfg, progress)
     out: dict[str, Any] = {"recipe": recipe.to_dict(), "recipe_file": str(path.relative_to(ROOT)),
                            "load_seconds": q.pop("load_seconds")}
-    if stats is not None and stats.samples:  # auto alpha: the simulated rows reuse this calibration
+    # W8A8 auto alpha: the simulated rows reuse this calibration (weight-only's was propagated through other int8)
+    if stats is not None and stats.samples and recipe.quantization.method == "smoothquant":
         sm = recipe.smoothing
         save_stats(stats, stats_path(work, cfg.calibration, sm.groups, sm.auto_tokens))
     alphas = report.alphas or {}

@@ -184,7 +184,7 @@ def _gpt2(root: Path) -> Path:
     AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=256,
                                                 n_positions=256)).save_pretrained(root / "gpt2")
     tiny_tokenizer().save_pretrained(root / "gpt2")
-    assert main(["-q", "quantize", str(root / "gpt2"), "--method", "weight-only", "--no-gptq",
+    assert main(["-q", "quantize", str(root / "gpt2"), "--method", "weight-only", "--no-gptq", "--alpha", "0",
                  "--out", str(root / "gpt2-q")]) == 0
     return root / "gpt2-q"
 

@@ -55,6 +55,42 @@ def test_with_rotate_the_unrotated_auto_run_is_a_rival():
     assert r["auto, no rotation"].smoothing.alpha == "auto"
 
 
+def test_weight_only_rivals_are_alpha_zero_only():
+    """The family alphas are SmoothQuant's W8A8 values; weight-only scaling is checked against no scaling."""
+    rec = Recipe().override({"quantization.method": "weight-only"})
+    assert list(rivals(rec, "llama")) == ["alpha 0"]
+    assert list(rivals(rec.override({"quantization.rotate": True}), "llama")) == ["alpha 0", "auto, no rotation"]
+
+
+def test_which_runs_rescale_and_how_the_search_simulates_them():
+    from llmq.stage import needs_windows, simulated_act, smooths
+
+    def rec(method, alpha="auto", gptq=False):
+        return Recipe().override({"quantization.method": method, "smoothing.alpha": alpha, "quantization.gptq": gptq})
+
+    assert smooths(rec("smoothquant")) and smooths(rec("smoothquant", 0.0))  # alpha 0's alphas are reported
+    assert smooths(rec("weight-only")) and smooths(rec("weight-only", 0.5))
+    assert not smooths(rec("weight-only", 0.0)) and not smooths(rec("llm-int8"))
+    assert needs_windows(rec("weight-only")) and not needs_windows(rec("weight-only", 0.0))
+    assert not needs_windows(rec("llm-int8"))
+    assert simulated_act(rec("weight-only")) == "none" and simulated_act(rec("smoothquant")) == "token"
+
+
+def test_weight_only_error_leaves_the_input_float():
+    from llmq.alpha import group_error, w8a8_error, weight_only_error
+    from llmq.fakequant import fq
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 16, generator=g), torch.randn(8, 16, generator=g)
+    x[:, 3] *= 50.0  # a large input channel: its weight column matters most
+    ref, one = x @ w.t(), torch.ones(16)
+    assert weight_only_error(x, w, one, ref) == pytest.approx(float((x @ fq(w, -1).t() - ref).pow(2).sum()))
+    s = one.clone()
+    s[3] = 4.0  # that column 4x larger before rounding (still under the row maxima): a finer grid for it
+    assert weight_only_error(x, w, s, ref) < weight_only_error(x, w, one, ref)
+    assert group_error("none") is weight_only_error and group_error("token") is w8a8_error
+
+
 def _layer_feed(model, windows):
     layers = model.model.layers
     hidden, extras = catch_inputs(model, layers, windows, torch.device("cpu"), torch.device("cpu"))
@@ -76,8 +112,9 @@ def test_layer_error_is_per_token_relative():
     assert layer_error(out, ref) == pytest.approx(float(per_token), rel=1e-6)
 
 
+@pytest.mark.parametrize("act", ["token", "none"])  # W8A8, weight-only
 @torch.no_grad()
-def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output():
+def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output(act):
     from llmq.alpha import layer_error, search_layer_alpha_
     from llmq.fakequant import SimMode, simulate_
     from llmq.smooth import smooth_target_
@@ -99,13 +136,13 @@ def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output():
         m.model.layers[0].load_state_dict(base)
         for t in targets:
             smooth_target_(feed, t, stats.act_max, alphas[t.key])
-        hs = simulate_(feed, SimMode("token", "channel"), qnames)
+        hs = simulate_(feed, SimMode(act, "channel"), qnames)
         e = layer_error(feed.output(0).float(), ref.float())
         for h in hs:
             h.remove()
         return e
 
-    chosen, errors = search_layer_alpha_(feed, targets, qnames, stats, (0.0, 0.3, 0.6, 0.9))
+    chosen, errors = search_layer_alpha_(feed, targets, qnames, stats, (0.0, 0.3, 0.6, 0.9), act=act)
     after = {k: v.clone() for k, v in m.model.layers[0].state_dict().items()}
     assert set(chosen) == {t.key for t in targets}
     assert err(chosen) <= err(dict.fromkeys(chosen, 0.0))
@@ -134,6 +171,33 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path):
     assert rep.calibration.samples == 6 and rep.calibration.tokens == 6 * 32  # held-out windows not used
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Guard" in card and f"{kls['alpha 0']:.4g}" in card
+
+
+def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
+    """Weight-only with alpha auto: activation-aware scaling searched per layer, checked against no scaling on
+    held-out windows; what shipped is what stock transformers reloads, and the card says so."""
+    from transformers import AutoModelForCausalLM
+
+    fp = _fp_folder(tmp_path, "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(4000))
+    recipe = Recipe(model=str(fp), calibration=Calibration(source=str(text), samples=6, seq_len=32),
+                    smoothing=Smoothing(alpha="auto", auto_tokens=64, guard_windows=3, grid=(0.0, 0.4, 0.8)),
+                    quantization=Quantization(method="weight-only"))
+    rep = run(recipe, tmp_path / "out", progress=False)
+    g = rep.guard
+    kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
+    assert sorted(kls) == ["alpha 0", "auto"] and kls[g["chosen"]] == min(kls.values())
+    groups = {t.key for t in smooth_targets(AutoModelForCausalLM.from_pretrained(fp))}
+    assert rep.alpha == "auto" and set(rep.alphas) == groups
+    if g["chosen"] == "alpha 0":
+        assert set(rep.alphas.values()) == {0.0}
+    assert _held_out_kl(tmp_path / "out", fp, recipe) == pytest.approx(kls[g["chosen"]], rel=1e-4)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert q.config.quantization_config.llm_int8_threshold == pytest.approx(1e-6)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("activation-aware scaling" in card) == any(a != 0 for a in rep.alphas.values())
+    assert "Smoothing strength (alpha)" in card and "family alpha" not in card
 
 
 def test_max_kl_keeps_sensitive_linears_in_float_and_reloads_stock(tmp_path):

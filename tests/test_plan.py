@@ -78,9 +78,12 @@ def test_budget_decides_the_mode():
     small = estimate(cfg, method="smoothquant", dtype="float32", calib_samples=8, calib_seq_len=64,
                      max_memory={"cpu": base.sequential_peak_bytes // 2})
     assert not small.fits_sequential and not should_run_sequential(small)
-    # no calibration without smoothquant: no hidden states to hold
-    w8 = estimate(cfg, method="weight-only", dtype="float32", calib_samples=8, calib_seq_len=64)
+    # no calibration without smoothing (weight-only alpha 0): no hidden states to hold
+    w8 = estimate(cfg, method="weight-only", dtype="float32", calib_samples=8, calib_seq_len=64, alpha=0.0)
     assert w8.hidden_states_bytes == 0 and w8.sequential_peak_bytes < base.sequential_peak_bytes
+    # weight-only with auto scaling calibrates as smoothquant does
+    w8_auto = estimate(cfg, method="weight-only", dtype="float32", calib_samples=8, calib_seq_len=64)
+    assert w8_auto.hidden_states_bytes == base.hidden_states_bytes
 
 
 @pytest.mark.parametrize("name,params,in_memory_fits", [
