@@ -482,15 +482,21 @@ def test_no_input_changed_and_no_leftovers(battery: Battery) -> None:
 
 
 # --- what must work ---------------------------------------------------------------------------------
-def test_unsupported_architecture_quantizes_with_llm_int8(battery: Battery, tmp_path: Path) -> None:
-    """The same model the smoothing table refuses (row arch-not-in-table) quantizes with --method llm-int8."""
+@pytest.mark.parametrize("method,threshold", [("llm-int8", 6.0), ("weight-only", 1e-6)])
+def test_unsupported_architecture_quantizes_with_llm_int8_or_weight_only(battery: Battery, tmp_path: Path,
+                                                                         method: str, threshold: float) -> None:
+    """The same model the smoothing table refuses (row arch-not-in-table) quantizes with --method llm-int8, and
+    with weight-only at its default alpha auto, which then rescales nothing (no table entry) and says so."""
     out = tmp_path / "bigcode-int8"
-    run = llmq(["-q", "quantize", battery.paths["bigcode"], "--method", "llm-int8", "--calib", battery.paths["text"],
+    run = llmq(["quantize", battery.paths["bigcode"], "--method", method, "--calib", battery.paths["text"],
                 "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)],
                cli_env(HF_HOME=battery.paths["hf_home"]))
     assert run.code == 0 and "Traceback" not in run.err, run.show()
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_threshold"] == 6.0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_threshold"] == threshold
     assert leftovers(out) == [] and pickles_in([p.name for p in files_under(out)]) == []
+    report = json.loads((out / "llmq_report.json").read_text())
+    assert report.get("alphas") in (None, {}) and report.get("guard") is None
+    assert ("no activation-aware scaling" in run.err) == (method == "weight-only")
 
 
 @pytest.fixture(scope="module")

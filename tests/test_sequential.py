@@ -25,7 +25,7 @@ FAMILIES = {
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                        num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=128)),
 }  # (qwen2 would pick Qwen2Tokenizer for the tiny word-level tokenizer and get no tokens)
-CASES = [("smoothquant", 0.5), ("smoothquant", "auto"), ("llm-int8", None)]
+CASES = [("smoothquant", 0.5), ("smoothquant", "auto"), ("llm-int8", None), ("weight-only", "auto")]
 
 
 def _fp_folder(tmp_path: Path, family: str, shard: str | None = None) -> Path:
