@@ -42,6 +42,16 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def rescales(method: str, alpha: float | str) -> bool:
+    """Whether a run of `method` with smoothing `alpha` rescales input channels (llmq/smooth.py): every
+    smoothquant run (alpha 0 included, so its per-group alphas are reported), and weight-only unless alpha is 0.
+    For weight-only the same s = max|X|^a / max|W|^(1-a) is activation-aware weight scaling (AWQ's idea, with
+    SmoothQuant's formula): channels with large inputs get larger weight columns, so a relatively finer int8
+    grid, while the activations, which stay 16-bit, are divided by s for free. llm-int8 is never rescaled: its
+    outlier split is decided by the activations' own magnitudes."""
+    return method == "smoothquant" or (method == "weight-only" and alpha != 0.0)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -89,8 +89,7 @@ def simulate_(model: nn.Module, mode: SimMode, names: Sequence[str],
         def hook(module, args, a=a):
             return (fq_act(args[0], mode.act, a).to(args[0].dtype), *args[1:])
 
-        if mode.act != "none":
-            handles.append(m.register_forward_pre_hook(hook))
+        handles.append(m.register_forward_pre_hook(hook))
     return handles
 
 

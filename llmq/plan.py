@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .config import rescales
 from .errors import ConfigError, LlmqError
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -164,7 +165,7 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     text = config.get_text_config()
     h, inter = text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
     L, n = calib_seq_len, calib_samples
-    calibrates = method == "smoothquant" or (method == "weight-only" and alpha != 0.0)  # stage.smooths
+    calibrates = rescales(method, alpha)
     act = L * (4 * h + 3 * inter) * d + text.num_attention_heads * L * L * d
     logits = L * text.vocab_size * d
     biggest_linear = max((model.get_parameter(k).numel() for k in rows), default=0) * 3  # fp16 copy + int8

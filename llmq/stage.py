@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .calibrate import CalibrationStats, calibrate
-from .config import Recipe
+from .config import Recipe, rescales
 from .errors import ConfigError
 from .quantize import check_finite_weights, check_fp16_range, replace_linears_
 from .smooth import SmoothTarget, linear_weight, smooth_
@@ -44,14 +44,8 @@ class BlockResult:
 
 
 def smooths(recipe: Recipe) -> bool:
-    """Whether the run rescales input channels (llmq/smooth.py): every smoothquant run (alpha 0 included, so
-    its per-group alphas are reported), and weight-only unless alpha is 0. For weight-only the same
-    s = max|X|^a / max|W|^(1-a) is activation-aware weight scaling (AWQ's idea, with SmoothQuant's formula):
-    channels with large inputs get larger weight columns, so a relatively finer int8 grid, while the
-    activations, which stay 16-bit, are divided by s for free. llm-int8 is never rescaled: its outlier
-    split is decided by the activations' own magnitudes."""
-    q, a = recipe.quantization, recipe.smoothing.alpha
-    return q.method == "smoothquant" or (q.method == "weight-only" and a != 0.0)
+    """Whether the run rescales input channels: llmq/config.py `rescales` for its method and alpha."""
+    return rescales(recipe.quantization.method, recipe.smoothing.alpha)
 
 
 def smoothing_targets(model: nn.Module, recipe: Recipe) -> list[SmoothTarget]:
