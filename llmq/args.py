@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "before quantizing (QuaRot's R1; llama, mistral, qwen2, qwen3, phi3, gemma; unties a "
                         "tied lm_head; in-memory mode)")
     q.add_argument("--max-kl", type=float, default=None, metavar="X",
-                   help="keep the most sensitive linears in 16-bit until the KL to FP on held-out calibration "
-                        "windows is at most X (in-memory mode)")
+                   help="keep the linears whose int8 costs the most KL (each measured alone, end to end) in "
+                        "16-bit until the KL to FP on held-out calibration windows is at most X (in-memory mode)")
     q.add_argument("--recipe", default=None, help="YAML recipe (configs/*.yaml); flags override it")
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe key, e.g. --set smoothing.groups=[attn,mlp]")

@@ -57,5 +57,6 @@ def _keep(rep: Report) -> list[str]:
             f"Target: KL to FP at most {_fmt(k.get('max_kl'), 'g')} on the held-out windows; measured "
             f"{_fmt(k.get('kl_before'), '.4g')} with every linear in int8, {_fmt(k.get('kl_after'), '.4g')} with "
             f"{len(kept)} kept in float ({'met' if k.get('met') else 'NOT met'}). "
-            + (f"Kept (most sensitive first): {names}; they add {_mem(k.get('extra_bytes')) or '0 B'} over int8."
+            + (f"Kept (costliest first, by the KL each adds alone in int8 on {k.get('rank_tokens')} calibration "
+               f"tokens): {names}; they add {_mem(k.get('extra_bytes')) or '0 B'} over int8."
                if kept else "No linear had to be kept.")]

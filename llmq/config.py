@@ -121,7 +121,8 @@ class Quantization:
     method: str = "smoothquant"
     threshold: float | None = None  # None: the method's default (0 / 6.0 / 1e-6)
     skip: tuple[str, ...] = ("lm_head",)
-    max_kl: float | None = None  # keep the most sensitive linears in 16-bit until the held-out KL is <= this
+    max_kl: float | None = None  # keep the costliest linears (llmq/guard.py) in 16-bit until held-out KL <= this
+    rank_windows: int = 2  # --max-kl: calibration windows each linear's end-to-end effect is measured on
     gptq: bool = True  # error-compensated int8 weights (GPTQ with input Hessians from calibration); False: RTN
     rotate: bool = False  # rotate the residual stream first, folded into the weights (llmq/rotate.py)
     storage_dtype: str = "auto"  # of everything not int8; what stock from_pretrained runs it in (llmq/storage.py)
@@ -129,6 +130,7 @@ class Quantization:
     def __post_init__(self) -> None:
         _check(self.max_kl is None or (math.isfinite(self.max_kl) and self.max_kl > 0),
                f"quantization.max_kl (--max-kl) must be a positive number, got {self.max_kl}")
+        _check(self.rank_windows >= 1, f"quantization.rank_windows must be >= 1, got {self.rank_windows}")
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         _check(self.storage_dtype in STORAGE_DTYPES, f"quantization.storage_dtype (--storage-dtype) must be one "
                f"of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")

@@ -146,7 +146,6 @@ def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames:
         total.alphas.update(res.alphas)
         total.errors.update(res.errors)
         total.originals.update(res.originals)
-        total.sensitivity.update(res.sensitivity)
         total.tokens = res.tokens
         if unload is not None:
             unload(i)

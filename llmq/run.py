@@ -183,7 +183,7 @@ def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torc
     return windows, (held if g else None)
 
 
-def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
+def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, progress: bool = False):
     """The end-to-end checks of llmq/guard.py on the in-memory model `built` = (report, stats, BlockResult):
     auto against its rivals, then --max-kl. Returns the model to ship, its report and statistics."""
     from .guard import guard_, keep_sensitive_
@@ -213,7 +213,8 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple):
                         "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
                         "candidates": result.candidates}
     if recipe.quantization.max_kl is not None:
-        report.keep = keep_sensitive_(model, held, fp, recipe.quantization, res)
+        q = recipe.quantization
+        report.keep = keep_sensitive_(model, held, fp, q, res, windows[:q.rank_windows], progress)
     del fp
     return model, report, stats
 
@@ -228,7 +229,7 @@ def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = No
     built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     if held is None:
         return model, built[0], built[1]
-    return _checked_(model, tokenizer, recipe, windows, held, scales, built)
+    return _checked_(model, tokenizer, recipe, windows, held, scales, built, progress)
 
 
 def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: bool = False,

@@ -37,10 +37,9 @@ class BlockResult:
     alphas: dict[str, float] = field(default_factory=dict)  # per smoothing target key
     errors: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: error per candidate alpha
     tokens: int = 0  # calibration tokens run through the block
-    # with quantization.max_kl: each converted linear's float module (smoothed, on CPU), and its relative
-    # output error ||y_int8 - y_float||^2 / ||y_float||^2 on the check window: what --max-kl reverts, in order
+    # with quantization.max_kl: each converted linear's float module (smoothed, on CPU): what --max-kl can
+    # put back (llmq/guard.py ranks them by their end-to-end effect)
     originals: dict[str, nn.Module] = field(default_factory=dict)
-    sensitivity: dict[str, float] = field(default_factory=dict)
 
 
 def smooths(recipe: Recipe) -> bool:
@@ -159,8 +158,6 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
         replace_linears_(root, qnames, q, progress=progress)
     if check_ids is not None:
         check_fp16_range(root, check_ids)
-        if res.originals:
-            res.sensitivity = sensitivity(root, check_ids, res.originals)
     return res
 
 
@@ -182,24 +179,3 @@ def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, t
         parent, _, child = name.rpartition(".")
         new = int8_linear(cb, scb, module.bias, q.effective_threshold, device=w.device, training=module.training)
         setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-@torch.inference_mode()
-def sensitivity(root: nn.Module, ids: torch.Tensor, originals: dict[str, nn.Module]) -> dict[str, float]:
-    """Per converted linear, ||y_int8 - y_float||^2 / ||y_float||^2 on the inputs it gets when `ids` run
-    through `root` (its float module from `originals` applied to the same input)."""
-    out: dict[str, float] = {}
-
-    def hook(name: str):
-        def fn(module, args, y):
-            ref = originals[name](args[0].to("cpu", originals[name].weight.dtype)).float()
-            out[name] = float((y.detach().cpu().float() - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
-        return fn
-
-    handles = [root.get_submodule(n).register_forward_hook(hook(n)) for n in originals]
-    try:
-        root(ids.to(next(p.device for p in root.parameters() if p.device.type != "meta")), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return out

@@ -200,6 +200,44 @@ def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
     assert "Smoothing strength (alpha)" in card and "family alpha" not in card
 
 
+def test_rank_by_kl_is_each_linears_end_to_end_effect():
+    """--max-kl's ranking: a linear's effect is the KL(FP || model), measured through the whole model, with only
+    it in int8; with every linear back in float the (smoothed) float model gives FP's logits."""
+    import torch.nn.functional as F
+
+    from llmq.guard import _swap_, rank_by_kl
+    from llmq.run import _quantize_
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # peaked logits: a KL far above float32 rounding (random init is flat)
+    fp = copy.deepcopy(model)
+    recipe = Recipe(model="tiny", calibration=Calibration(samples=4, seq_len=32), smoothing=Smoothing(alpha=0.5),
+                    quantization=Quantization(method="smoothquant", max_kl=1.0, storage_dtype="float32"))
+    torch.manual_seed(1)
+    windows = torch.randint(0, 256, (4, 32))
+    _, _, res = _quantize_(model, None, recipe, windows=windows, progress=False)
+    rank_on = windows[:2]
+
+    @torch.inference_mode()
+    def kl() -> float:
+        p, q = (F.log_softmax(m(rank_on).logits.float(), -1) for m in (fp, model))
+        return float(F.kl_div(q, p, reduction="sum", log_target=True) / rank_on.numel())
+
+    base = kl()
+    effect = rank_by_kl(model, rank_on, fp, res.originals)
+    assert set(effect) == set(res.originals) and len(effect) == 14  # 7 per layer, lm_head skipped
+    assert base > 0 and kl() == base  # rank_by_kl left every int8 module in place
+    assert all(0 < v < base for v in effect.values())
+    top = max(effect, key=effect.get)
+    int8 = {n: _swap_(model, n, res.originals[n]) for n in res.originals if n != top}
+    only_top = kl()
+    int8[top] = _swap_(model, top, res.originals[top])
+    floor = kl()
+    assert floor < 1e-5 * base  # every linear back in float: the smoothed float model (float32 rounding)
+    assert effect[top] == pytest.approx(only_top - floor, rel=1e-5)  # what only `top` in int8 adds
+
+
 def test_max_kl_keeps_sensitive_linears_in_float_and_reloads_stock(tmp_path):
     import json
     import subprocess
@@ -224,10 +262,12 @@ def test_max_kl_keeps_sensitive_linears_in_float_and_reloads_stock(tmp_path):
     assert keep["met"] and keep["kl_after"] <= target < keep["kl_before"] and keep["kept"]
     assert keep["kl_before"] == pytest.approx(free.keep["kl_before"], rel=1e-6)  # same model before any is kept
     ranked = sorted(keep["sensitivity"], key=lambda n: -keep["sensitivity"][n])
-    assert keep["kept"] == ranked[:len(keep["kept"])]  # the most sensitive first
+    assert keep["kept"] == ranked[:len(keep["kept"])]  # the costliest first
+    assert keep["rank_tokens"] == 2 * 32 and free.keep["rank_tokens"] == 0  # 2 calibration windows; none needed
     assert keep["extra_bytes"] > 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Kept in 16-bit" in card and f"`{keep['kept'][0]}`" in card and "met" in card
+    assert "alone in int8 on 64 calibration tokens" in card
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert cfg["llm_int8_skip_modules"] == ["lm_head", *keep["kept"]]
     ids = [[5, 9, 33, 7, 101, 200, 17, 3]]
