@@ -192,4 +192,4 @@ def keep_sensitive_(model, held: torch.Tensor, fp, q, res, rank_on: torch.Tensor
     return {"max_kl": q.max_kl, "met": met, "kl_before": steps[0], "kl_after": steps[k], "kept": kept,
             "extra_bytes": int(extra), "steps": {str(j): v for j, v in sorted(steps.items())},
             "rank_tokens": int(rank_on.numel()) if effect else 0,
-            "sensitivity": {n: effect[n] for n in ranked[:max(k, 10)]}}
+            "kl_added": {n: effect[n] for n in ranked[:max(k, 10)]}}  # each alone in int8, costliest first

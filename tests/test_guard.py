@@ -261,7 +261,7 @@ def test_max_kl_keeps_sensitive_linears_in_float_and_reloads_stock(tmp_path):
     keep = rep.keep
     assert keep["met"] and keep["kl_after"] <= target < keep["kl_before"] and keep["kept"]
     assert keep["kl_before"] == pytest.approx(free.keep["kl_before"], rel=1e-6)  # same model before any is kept
-    ranked = sorted(keep["sensitivity"], key=lambda n: -keep["sensitivity"][n])
+    ranked = sorted(keep["kl_added"], key=lambda n: -keep["kl_added"][n])
     assert keep["kept"] == ranked[:len(keep["kept"])]  # the costliest first
     assert keep["rank_tokens"] == 2 * 32 and free.keep["rank_tokens"] == 0  # 2 calibration windows; none needed
     assert keep["extra_bytes"] > 0
