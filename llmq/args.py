@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-memory", default=None, help="memory budget, e.g. 24GiB or 0=20GiB,cpu=64GiB")
     pl.add_argument("--calib-samples", type=int, default=None)
     pl.add_argument("--calib-seq-len", type=int, default=None)
+    pl.add_argument("--max-kl", type=float, default=None, metavar="X",
+                    help="count what `quantize --max-kl` holds in memory (float linears, reference, log-probs)")
 
     x = sub.add_parser("export", help="rewrite an llmq output folder in another format (compressed-tensors: vLLM)")
     x.add_argument("folder", help="an llmq output folder (bitsandbytes, from `llmq quantize`)")

@@ -182,7 +182,7 @@ def cmd_plan(a) -> int:
 
     cal = Calibration(samples=a.calib_samples or Calibration.samples, seq_len=a.calib_seq_len or Calibration.seq_len)
     plan = estimate(a.model, method=a.method, dtype=a.dtype, calib_samples=cal.samples, calib_seq_len=cal.seq_len,
-                    max_memory=_max_memory(a.max_memory) or detected_budget())
+                    max_memory=_max_memory(a.max_memory) or detected_budget(), max_kl=a.max_kl)
     print(format_plan(plan))
     return 0
 

@@ -12,7 +12,10 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   conversion (its fp16 copy + int8); on CPU plus the memory-mapped checkpoint pages resident while
   from_pretrained copies them (~ the float model again) and the auto-alpha row samples of one layer
   (auto_tokens x in_features float32 per group). With auto alpha the guard (llmq/guard.py) adds the float
-  reference and up to two int8 rivals beside the shipped model: + fp + 2 x int8.
+  reference and up to two int8 rivals beside the shipped model: + fp + 2 x int8. `--max-kl` (llmq/guard.py
+  `keep_sensitive_`) adds a float copy of every converted linear (what it can put back), the float reference
+  when no guard holds one already, and the reference's float32 log-probabilities on the ranking windows
+  (rank_windows * L * vocab * 4: 0.2 GB for SmolLM2, 1.1 GB for Gemma 3's 262k vocabulary).
 - sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
   window's working set + the larger of (the non-layer weights but the head, while the layer inputs are
   caught) and (the largest float layer + its int8 copy, in the layer loop). llm-int8 / weight-only do not
@@ -126,8 +129,8 @@ def _config(config_or_model_id: Any, trust_remote_code: bool):
 
 def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", calib_samples: int,
              calib_seq_len: int, max_memory: dict | None = None, alpha: float | str = "auto",
-             auto_tokens: int = 512, skip: tuple[str, ...] = ("lm_head",),
-             trust_remote_code: bool = False) -> Plan:
+             auto_tokens: int = 512, skip: tuple[str, ...] = ("lm_head",), max_kl: float | None = None,
+             rank_windows: int = 2, trust_remote_code: bool = False) -> Plan:
     """Estimate weight bytes and the peak memory of the in-memory and sequential modes from the config."""
     from .arch import layers_path
     from .config import METHODS
@@ -175,8 +178,12 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
             samples += auto_tokens * linear_weight(model.get_submodule(t.linear_names[0])).shape[1] * 4
         samples //= max(n_layers, 1)
     in_memory = fp + max(act + logits if calibrates else 0, biggest_linear)
-    if calibrates and alpha == "auto":  # the guard: float reference + rivals beside the model
+    guarded = calibrates and alpha == "auto"
+    if guarded:  # the guard: float reference + rivals beside the model
         in_memory += fp + 2 * q
+    if max_kl is not None:  # --max-kl: float linears to put back, the reference, its ranking log-probs
+        lin_fp = sum(model.get_parameter(k).numel() for k in rows) * d
+        in_memory += lin_fp + (0 if guarded else fp) + rank_windows * L * text.vocab_size * 4
     if key == "cpu":  # while from_pretrained copies weights out of the memory-mapped checkpoint, both are resident
         in_memory += fp + samples
     non_layer = fp - sum(layer_fp)
@@ -265,6 +272,7 @@ def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
                             calib_samples=cal.samples, calib_seq_len=cal.seq_len,
                             max_memory=max_memory or detected_budget(), alpha=sm.alpha,
                             auto_tokens=sm.auto_tokens, skip=recipe.quantization.skip,
+                            max_kl=recipe.quantization.max_kl, rank_windows=recipe.quantization.rank_windows,
                             trust_remote_code=recipe.trust_remote_code)
         except LlmqError as e:
             # the estimate is advisory: the in-memory run reports user errors (bad config...) with its own

@@ -86,6 +86,21 @@ def test_budget_decides_the_mode():
     assert w8_auto.hidden_states_bytes == base.hidden_states_bytes
 
 
+def test_max_kl_counts_what_it_holds():
+    """--max-kl holds a float copy of every int8 linear, the float reference (unless auto's guard holds it
+    already) and the reference's float32 log-probabilities on the ranking windows."""
+    model = tiny_llama(num_hidden_layers=3)
+    cfg, vocab = model.config, model.config.vocab_size
+    lin = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    kw = dict(method="smoothquant", dtype="float32", calib_samples=8, calib_seq_len=64)
+    for alpha, ref in ((0.5, True), ("auto", False)):
+        base = estimate(cfg, alpha=alpha, **kw)
+        kept = estimate(cfg, alpha=alpha, max_kl=0.01, rank_windows=3, **kw)
+        want = lin * 4 + (base.fp_weight_bytes if ref else 0) + 3 * 64 * vocab * 4
+        assert kept.in_memory_peak_bytes - base.in_memory_peak_bytes == want
+        assert kept.sequential_peak_bytes == base.sequential_peak_bytes  # --max-kl runs in memory only
+
+
 @pytest.mark.parametrize("name,params,in_memory_fits", [
     ("llama-3-8b", 8_030_261_248, True), ("llama-2-13b", 13_015_864_320, False),
     ("llama-3-70b", 70_553_706_496, False)])
