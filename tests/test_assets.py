@@ -196,7 +196,7 @@ def test_fetch_keys(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "wiki_text_path", lambda: tmp_path / "wiki.txt")
     monkeypatch.setattr(assets, "kjv_text_path", lambda purpose: tmp_path / f"kjv-{purpose}.txt")
     assert sorted(assets.fetch()) == ["gemma3_folder", "gemma3_gguf", "kjv_calibration", "kjv_evaluation",
-                                      "smollm2_folder", "smollm2_gguf", "wiki_text"]
+                                      "qwen2.5_folder", "qwen2.5_gguf", "smollm2_folder", "smollm2_gguf", "wiki_text"]
     assert list(assets.fetch(("llmq:kjv", "llmq:kjv"))) == ["kjv_evaluation", "kjv_calibration"]
     assert assets.fetch_all() == assets.fetch()
 
@@ -390,7 +390,8 @@ def test_fetch_kjv_real():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, model_type", [("llmq:smollm2", "llama"), ("llmq:gemma3", "gemma3_text")])
+@pytest.mark.parametrize("name, model_type", [("llmq:smollm2", "llama"), ("llmq:gemma3", "gemma3_text"),
+                                              ("llmq:qwen2.5", "qwen2")])
 def test_model_folder_loads_float32(name, model_type):
     import torch
     from transformers import AutoModelForCausalLM
