@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep modules in float: a name, a suffix (down_proj) or a pattern, matched as stock "
                         "transformers matches llm_int8_skip_modules; added to the recipe's (lm_head); repeatable")
     q.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None,
-                   help="dtype of the non-int8 tensors saved and run (auto: bfloat16, or the --dtype if 16-bit)")
+                   help="dtype of the non-int8 tensors saved and run (auto: the --dtype if 16-bit, else float16 "
+                        "where the calibration activations stay within half its range, else bfloat16)")
     q.add_argument("--base-model", default=None, metavar="ID", help="Hub id the model card names as base_model")
     q.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
                    help="round weights to nearest (bitsandbytes' own) instead of GPTQ's error-compensated rounding")

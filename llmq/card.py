@@ -135,7 +135,15 @@ def _method(rep: Report, method: str) -> str:
     return text + (" The int8 rows were chosen by GPTQ (error-compensated against each linear's input Hessian "
                    "from calibration, per-row clipped scales), not rounded to nearest." if rep.gptq else
                    " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.") + _scaled(rep, method) \
-        + _rotation(rep)
+        + _rotation(rep) + _storage(rep)
+
+
+def _storage(rep: Report) -> str:
+    st = rep.storage if isinstance(rep.storage, dict) else {}
+    if not st.get("why"):
+        return ""
+    return (" What is not int8 (embeddings, norms, the skipped linears, biases) is stored in "
+            f"{st['why']}; bitsandbytes computes the int8 linears in float16.")
 
 
 def _scaled(rep: Report, method: str) -> str:

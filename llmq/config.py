@@ -26,7 +26,8 @@ METHODS = ("smoothquant", "llm-int8", "weight-only")
 GROUPS = ("attn", "mlp", "v_o", "up_down")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Dtype of the tensors that stay float in a quantized checkpoint (embeddings, norms, lm_head, biases): see
-# llmq/storage.py. auto = the run dtype when it is 16-bit, else bfloat16.
+# llmq/storage.py. auto = the run dtype when it is 16-bit, else float16 where the range measured on the
+# calibration windows fits (with a 2x margin), else bfloat16.
 STORAGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_THRESHOLD = {"smoothquant": 0.0, "llm-int8": 6.0, "weight-only": 1e-6}
 # Offline assets that arrive through PyPI (see llmq/assets.py).

@@ -98,8 +98,9 @@ def check_same_vocab(model: torch.nn.Module, reference: torch.nn.Module) -> None
 def _check_finite(logits: torch.Tensor, i: int, who: str) -> None:
     if not torch.isfinite(logits).all():
         raise NumericalError(
-            f"non-finite logits in window {i} from the {who} (dtype {logits.dtype}); evaluate in float32 or "
-            "check the weights for inf/nan (e.g. float16 overflow or a broken quantization)")
+            f"non-finite logits in window {i} from the {who} (dtype {logits.dtype}); if float16 overflowed, "
+            "evaluate with --dtype float32 or quantize with --storage-dtype bfloat16; else the weights hold inf/nan (a "
+            "broken quantization)")
 
 
 def _nll(logits: torch.Tensor, target: torch.Tensor, i: int, *, normalized: bool = False) -> float:
@@ -116,8 +117,9 @@ def _nll(logits: torch.Tensor, target: torch.Tensor, i: int, *, normalized: bool
     total = rows.sum(dtype=torch.float64).item()
     if not math.isfinite(total):
         raise NumericalError(
-            f"non-finite logits in window {i} (NLL {total}, dtype {logits.dtype}); evaluate in float32 or "
-            "check the weights for inf/nan (e.g. float16 overflow or a broken quantization)")
+            f"non-finite logits in window {i} (NLL {total}, dtype {logits.dtype}); if float16 overflowed, "
+            "evaluate with --dtype float32 or quantize with --storage-dtype bfloat16; else the weights hold inf/nan (a "
+            "broken quantization)")
     return total
 
 

@@ -73,7 +73,8 @@ class Feed(nn.Module):
     tensor filled with window index w runs the layer on window w's cached input (filled with -1: on window
     0's input as it was when the feed was made, for the fp16 range check of the converted layer).
     `output(w)` returns the layer's output on window w; `advance_()` replaces every cached input with the
-    layer's output on it: the next layer's inputs, from this layer as it is now (int8, once converted)."""
+    layer's output on it: the next layer's inputs, from this layer as it is now (int8, once converted), and
+    returns the largest |value| any of the layer's modules output meanwhile (the storage dtype's range)."""
 
     def __init__(self, path: str, layer: nn.Module, inputs: list, extras: list, device: torch.device) -> None:
         super().__init__()
@@ -105,11 +106,25 @@ class Feed(nn.Module):
         return self._run(self.inputs[w], w)
 
     @torch.inference_mode()
-    def advance_(self) -> None:
-        for w, h in enumerate(self.inputs):
-            self.inputs[w] = self._run(h, w).to(h.device)
-            del h
-            trim_heap()  # between windows, or the freed activations pile up in glibc's arenas
+    def advance_(self) -> float:
+        top = [torch.zeros((), device=self.device)]  # on the device: no sync per module
+
+        def hook(module, args, out):
+            for t in out if isinstance(out, tuple) else (out,):
+                if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+                    top[0] = torch.maximum(top[0], t.detach().abs().amax().float().to(top[0].device))  # keeps nan
+
+        handles = [m.register_forward_hook(hook) for m in self.layer[0].modules()]  # the layer's own output too
+        try:
+            for w, h in enumerate(self.inputs):
+                self.inputs[w] = self._run(h, w).to(h.device)
+                del h
+                trim_heap()  # between windows, or the freed activations pile up in glibc's arenas
+        finally:
+            for handle in handles:
+                handle.remove()
+        v = top[0].item()
+        return v if v == v else float("inf")  # nan: out of any range
 
 
 def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames: list[str], *,
@@ -122,13 +137,16 @@ def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames:
     `hidden` (no calibration text) each layer is only converted. Returns the merged BlockResult.
 
     Each layer is calibrated (and its alpha searched) on the outputs of the layers before it as already
-    converted to int8, the inputs it will see in use (propagated, as GPTQ does)."""
+    converted to int8, the inputs it will see in use (propagated, as GPTQ does). With `hidden`, the result's
+    `act_max` range is the largest |value| of layer 0's input and of any module output of the int8 layers."""
     from tqdm.auto import tqdm
 
     from .stage import BlockResult, quantize_block_
 
     layers = model.get_submodule(path)
     total = BlockResult()
+    if hidden is not None:
+        total.act_range = max((h.abs().amax().item() for h in hidden), default=0.0)
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress):
         if load is not None:
             load(i)
@@ -141,7 +159,7 @@ def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames:
                               [n for n in qnames if n.startswith(prefix)], ids=ids, check_ids=check,
                               scales=scales)
         if hidden is not None:
-            root.advance_()
+            total.act_range = max(total.act_range, root.advance_())
         total.act_max.update(res.act_max)
         total.alphas.update(res.alphas)
         total.errors.update(res.errors)

@@ -48,6 +48,7 @@ class Report:
     threshold: float
     skip: list[str] = field(default_factory=list)
     gptq: bool = False  # weights rounded by llmq/gptq.py (error-compensated) rather than round-to-nearest
+    storage: dict[str, Any] | None = None  # llmq/storage.py: dtype of the non-int8 tensors, and why
     rotation: dict[str, Any] | None = None  # llmq/rotate.py: kind, size, seed, parameters an untied lm_head added
     alpha: float | str | None = None  # as asked: a number, "auto", or None (no smoothing method)
     alphas: dict[str, float] | None = None  # chosen per smoothing group

@@ -155,8 +155,10 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
         res = quantize_block_(model, recipe, [], qnames, ids=None,
                               check_ids=None if windows is None else windows[:1], progress=progress)
     mark_quantized_(model, q)
-    to_storage_dtype_(model, q.storage_dtype)  # what stock from_pretrained reloads; checked and evaluated as such
+    # what stock from_pretrained reloads; checked and evaluated as such
+    storage = to_storage_dtype_(model, q.storage_dtype, res.act_range)
     report, stats = block_report(recipe, res), saved_stats(scales, res)
+    report.storage = storage
     report.rotation = rotation
     if stats is not None:
         stats.rotated = q.rotate

@@ -42,7 +42,7 @@ from .report import QuantizeInfo, Report
 from .run import block_report, calibration_split, finish_output, preflight, saved_stats, stamp_
 from .save import atomic_dir
 from .stage import check_scales, full_pass, needs_windows, smoothing_targets
-from .storage import cast_unquantized_, storage_dtype, stored_dtype
+from .storage import cast_unquantized_, measures_range, storage_dtype, storage_entry, stored_dtype
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,11 @@ class _Job:
     windows: torch.Tensor | None = None  # all calibration windows, or only window 0 for the fp16 check
     hidden: list | None = None
     extras: list | None = None
-    storage: torch.dtype = torch.float32  # of the non-int8 tensors written (llmq/storage.py)
+    # of the non-int8 tensors written (llmq/storage.py); None until the layer loop measured the range auto
+    # decides on (then every layer's float tensors wait in the run dtype, apart from its int8 state)
+    storage: torch.dtype | None = torch.float32
+    weight_max: float = 0.0  # largest |non-int8 weight| of the layers, while storage is None
+    outside_max: float = 0.0  # ... and of the non-layer tensors (read when catching the inputs)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -114,6 +118,9 @@ def _catch_inputs_(job: _Job, store: torch.device) -> None:
         head = [n for n, m in job.model.named_modules() if m is job.model.get_output_embeddings()]
         _place_(job.model, [job.path, *head], job.device)
     job.hidden, job.extras = catch_inputs(job.model, job.layers, job.windows, job.device, store)
+    if job.storage is None:  # auto's range counts the non-layer weights (embeddings, final norm, head)
+        job.outside_max = max([0.0, *(t.abs().amax().item() for k, t in job.model.state_dict().items()
+                                      if not k.startswith(job.path + ".") and t.is_floating_point() and t.numel())])
     params = dict(job.model.named_parameters(remove_duplicate=False))
     for k in job.outside():
         if k in params or k in job.kmap:
@@ -133,12 +140,37 @@ def _load_layer(job: _Job, i: int) -> None:
 
 
 def _unload_layer(job: _Job, i: int) -> None:
-    """Stage the converted layer's tensors on disk and free it."""
+    """Stage the converted layer's tensors on disk and free it. While the storage dtype is undecided, its
+    float tensors (norms, biases, linears kept float; not SCB) are staged apart, in the run dtype."""
+    from safetensors.torch import save_file
+
     prefix = f"{job.path}.{i}."
-    cast_unquantized_(job.model, job.storage, only=prefix)
-    shards.stage(job.model, job.layers[i].state_dict(prefix=prefix), job.staging / f"layer-{i:05d}.safetensors")
+    if job.storage is not None:
+        cast_unquantized_(job.model, job.storage, only=prefix)
+    sd = job.layers[i].state_dict(prefix=prefix)
+    if job.storage is None:
+        floats = {k: t for k, t in sd.items() if t.is_floating_point() and not k.endswith("SCB")}
+        job.weight_max = max([job.weight_max, *(t.abs().amax().item() for t in floats.values() if t.numel())])
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in floats.items()},
+                  str(job.staging / f"float-{i:05d}.safetensors"), {"format": "pt"})  # model names
+        sd = {k: t for k, t in sd.items() if k not in floats}
+    shards.stage(job.model, sd, job.staging / f"layer-{i:05d}.safetensors")
     job.layers[i] = nn.Module()
     trim_heap()
+
+
+def _decide_storage(job: _Job, run: torch.dtype, act_max: float | None) -> dict:
+    """After the layer loop: auto's storage dtype from the measured range (as llmq/storage.py's
+    `to_storage_dtype_` decides it in memory), then the layers' float tensors staged apart are cast to it."""
+    from safetensors.torch import load_file
+
+    name = job.recipe.quantization.storage_dtype
+    vmax = None if act_max is None else max(act_max, job.weight_max, job.outside_max)
+    job.storage = storage_dtype(name, run, vmax)
+    for p in sorted(job.staging.glob("float-*.safetensors")):
+        sd = load_file(str(p))
+        shards.stage(job.model, {k: t.to(stored_dtype(job.model, k, t, job.storage)) for k, t in sd.items()}, p)
+    return storage_entry(job.storage, name, run, vmax)
 
 
 def _write_outside(job: _Job) -> dict[str, tuple[Path, int, int, dict]]:
@@ -220,7 +252,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         check_skip_matches([n for n, _ in model.named_modules()], q.skip)
         job = _Job(recipe, model, layers_path(model), shards.key_map(model, files), linear_names(model, q.skip),
                    targets, inputs.scales, device, tmp / ".staging", windows,
-                   storage=storage_dtype(q.storage_dtype, dtype))
+                   storage=None if measures_range(q.storage_dtype, dtype) else storage_dtype(q.storage_dtype, dtype))
         missing = [n for n, _ in model.named_parameters() if n not in job.kmap]  # tied copies listed once
         if missing:
             raise ModelLoadError(f"{recipe.model!r} has no weights for {missing[:3]}: the checkpoint does not "
@@ -236,8 +268,11 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
                                      load=lambda i: _load_layer(job, i), unload=lambda i: _unload_layer(job, i),
                                      progress=progress)
             job.hidden = job.extras = None
+            storage = (_decide_storage(job, dtype, total.act_range) if job.storage is None else
+                       storage_entry(job.storage, q.storage_dtype, dtype, None))
             passthrough = _write_outside(job)
         report = stamp_(block_report(recipe, total), recipe, command)
+        report.storage = storage
         report.quantize = QuantizeInfo(round(time.perf_counter() - t0, 3), pm.peak_bytes, pm.baseline_bytes,
                                        pm.kind, str(device), mode="sequential")
         staged = sorted(job.staging.glob("*.safetensors"))

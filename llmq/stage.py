@@ -37,6 +37,9 @@ class BlockResult:
     alphas: dict[str, float] = field(default_factory=dict)  # per smoothing target key
     errors: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: error per candidate alpha
     tokens: int = 0  # calibration tokens run through the block
+    # largest |activation| the int8 layers produced on the calibration windows (llmq/layers.py; None: not
+    # measured): what decides auto's storage dtype (llmq/storage.py)
+    act_range: float | None = None
     # with quantization.max_kl: each converted linear's float module (smoothed, on CPU): what --max-kl can
     # put back (llmq/guard.py ranks them by their end-to-end effect)
     originals: dict[str, nn.Module] = field(default_factory=dict)

@@ -9,8 +9,16 @@ using from_pretrained's own rule for modules that a model keeps in float32 (`_ke
 `SCB` stays float32 (bitsandbytes' format); buffers that are not saved (rotary `inv_freq`) are left alone,
 since from_pretrained rebuilds them rather than loading them.
 
-`auto` = the run dtype when it is 16-bit (CUDA's float16 default: nothing changes), else bfloat16: float32's
-exponent range, so no tensor or activation that was finite in float32 overflows (float16 would risk that).
+`auto` = the run dtype when it is 16-bit (CUDA's float16 default: nothing changes). From a float32 run (CPU's
+default) it is float16 when the run measured the range and it fits: every activation the converted decoder
+layers produced on the calibration windows (each module's output, and layer 0's input) and every non-int8
+weight stays within half the float16 range (`FP16_HEADROOM`, a margin for text calibration never saw).
+Otherwise bfloat16: float32's exponent range, so nothing that was finite in float32 overflows. float16 is
+the better default where it fits: bitsandbytes computes the int8 linears in float16, so bfloat16's coarser
+mantissa adds error that float16 does not (SmolLM2 weight-only: KL 0.0053 -> 0.0037, docs/benchmarks.md),
+GPUs before Ampere have no bfloat16, and this CPU runs float16 faster than bfloat16. Gemma 3's residual
+stream reaches ~1e5 (beyond float16): auto stays bfloat16 there. A run with no calibration text has not
+measured the range and stays bfloat16.
 """
 
 from __future__ import annotations
@@ -19,16 +27,48 @@ import logging
 
 import torch
 
+from .quantize import FP16_MAX
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FP16_HEADROOM = 2.0  # auto's float16 needs every measured |value| <= FP16_MAX / FP16_HEADROOM
 
 
-def storage_dtype(name: str, run_dtype: torch.dtype) -> torch.dtype:
-    """The storage dtype that `name` (quantization.storage_dtype) means for a model run in `run_dtype`."""
-    if name == "auto":
-        return run_dtype if run_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    return DTYPES[name]
+def measures_range(name: str, run_dtype: torch.dtype) -> bool:
+    """Whether `storage_dtype(name, run_dtype, ...)` depends on the measured range (auto from a float32 run)."""
+    return name == "auto" and run_dtype not in (torch.float16, torch.bfloat16)
+
+
+def storage_dtype(name: str, run_dtype: torch.dtype, value_max: float | None = None) -> torch.dtype:
+    """The storage dtype that `name` (quantization.storage_dtype) means for a model run in `run_dtype`;
+    `value_max`: the largest |activation or non-int8 weight| the run measured (None: not measured)."""
+    if name != "auto":
+        return DTYPES[name]
+    if not measures_range(name, run_dtype):
+        return run_dtype
+    fits = value_max is not None and value_max * FP16_HEADROOM <= FP16_MAX  # nan compares False
+    return torch.float16 if fits else torch.bfloat16
+
+
+def why(dtype: torch.dtype, name: str, run_dtype: torch.dtype, value_max: float | None) -> str:
+    """One line on why the non-int8 tensors are stored in `dtype` (the report's and the log's)."""
+    short = str(dtype).removeprefix("torch.")
+    if not measures_range(name, run_dtype):
+        return f"{short} ({'asked' if name != 'auto' else 'auto: the run dtype'})"
+    if value_max is None:
+        return f"{short} (auto: no calibration text ran, so the float16 range was not measured)"
+    return (f"{short} (auto: largest activation or weight |{value_max:.4g}| "
+            f"{'within' if dtype == torch.float16 else 'beyond'} half the float16 range)")
+
+
+def value_max(model: torch.nn.Module) -> float:
+    """The largest |value| of the float tensors that `cast_unquantized_` would cast (not int8, not SCB)."""
+    m = 0.0
+    for name, t in _saved(model, ""):
+        if t.is_floating_point() and not name.endswith("SCB") and t.device.type != "meta" and t.numel():
+            m = max(m, t.detach().abs().amax().item())
+    return m
 
 
 def _kept_fp32(model: torch.nn.Module, dtype: torch.dtype):
@@ -80,11 +120,22 @@ def cast_unquantized_(model: torch.nn.Module, dtype: torch.dtype, *, only: str =
     return saved
 
 
-def to_storage_dtype_(model: torch.nn.Module, name: str) -> torch.dtype:
-    """After conversion to int8: cast what stays float to the storage dtype `name` (quantization.storage_dtype)."""
+def to_storage_dtype_(model: torch.nn.Module, name: str, act_max: float | None = None) -> dict:
+    """After conversion to int8: cast what stays float to the storage dtype `name` (quantization.storage_dtype);
+    `act_max`: the largest |activation| measured on the calibration windows (None: none ran). Returns the
+    report's `storage` entry."""
     run = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    dtype = storage_dtype(name, run)
+    vmax = None
+    if measures_range(name, run) and act_max is not None:
+        vmax = max(act_max, value_max(model))
+    dtype = storage_dtype(name, run, vmax)
     saved = cast_unquantized_(model, dtype)
-    log.info("non-int8 tensors stored and run in %s (%.1f MB less than %s)", str(dtype).removeprefix("torch."),
-             saved / 2**20, str(run).removeprefix("torch."))
-    return dtype
+    log.info("the non-int8 tensors take %.1f MB less than in %s", saved / 2**20, str(run).removeprefix("torch."))
+    return storage_entry(dtype, name, run, vmax)
+
+
+def storage_entry(dtype: torch.dtype, name: str, run: torch.dtype, vmax: float | None) -> dict:
+    """The report's `storage` entry, logged."""
+    reason = why(dtype, name, run, vmax)
+    log.info("non-int8 tensors stored and run in %s", reason)
+    return {"dtype": str(dtype).removeprefix("torch."), "asked": name, "value_max": vmax, "why": reason}

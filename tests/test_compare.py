@@ -48,7 +48,7 @@ def test_pair_equals_side_by_side(pair, monkeypatch):
     ref, _ = load(str(fp), device="cpu")
     side = ev.evaluate(m, tok, cfg, reference=ref, progress=False)
     alone = ev.evaluate(ref, tok, cfg, progress=False)
-    assert r.dtype == "bfloat16+int8" and r_ref.dtype == "float32"  # the checkpoint's own dtype, as stock loads
+    assert r.dtype == "float16+int8" and r_ref.dtype == "float32"  # the checkpoint's own dtype (auto storage)
     assert r.reference == "fp" and r.tokens == side.tokens == r_ref.tokens
     assert r.perplexity == pytest.approx(side.perplexity, rel=1e-12)
     assert r_ref.perplexity == pytest.approx(alone.perplexity, rel=1e-12)
@@ -60,7 +60,7 @@ def test_run_dtype_of_the_non_int8_parts_is_selectable(pair):
     from llmq.load import load
 
     q, _, _ = pair
-    for dtype, want in (("auto", torch.bfloat16), ("float32", torch.float32), ("float16", torch.float16)):
+    for dtype, want in (("auto", torch.float16), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         m, _ = load(str(q), dtype=dtype, device="cpu")
         assert {p.dtype for p in m.parameters()} == {want, torch.int8}, dtype
 
@@ -125,5 +125,5 @@ def test_smollm2_checkpoint_size_and_eval_memory(tmp_path, smol_folder):
     ratio = (tmp_path / "q" / "model.safetensors").stat().st_size / fp16_bytes
     assert ratio <= 0.61, ratio
     fp, q = rep.evaluation["fp"], rep.evaluation["int8"]
-    assert q["dtype"] == "bfloat16+int8" and q["kl_divergence"] < 0.1
+    assert q["dtype"] == rep.storage["dtype"] + "+int8" and q["kl_divergence"] < 0.1
     assert q["peak_memory_bytes"] <= fp["peak_memory_bytes"], (q["peak_memory_bytes"], fp["peak_memory_bytes"])

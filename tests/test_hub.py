@@ -546,3 +546,11 @@ def test_card_needs_a_report(tmp_path: Path) -> None:
     (tmp_path / "llmq_report.json").write_text("{not json")
     with pytest.raises(PushError, match="not valid JSON"):
         model_card(tmp_path)
+
+
+def test_card_says_how_the_rest_is_stored(out: Path) -> None:
+    assert "is stored in" not in model_card(out)  # an older report without the entry: nothing invented
+    why = "float16 (auto: largest activation or weight |2.734e+04| within half the float16 range)"
+    write_report(out, {**REPORT, "storage": {"dtype": "float16", "asked": "auto", "value_max": 27340.0,
+                                             "why": why}})
+    assert f"is stored in {why};" in model_card(out).split("## Method", 1)[1].split("\n## ", 1)[0]

@@ -191,7 +191,9 @@ def test_saved_checkpoint_reloads_with_stock_transformers(tmp_path, method):
     assert "Linear8bitLt" in got["types"]
     assert torch.equal(got["logits"], ours), (got["logits"] - ours).abs().max()
     assert sorted(p.name for p in (tmp_path / "q").glob("*.bin")) == []
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"  # storage auto
+    # storage auto from a float32 run: float16 where the run measured the range (calibration windows ran)
+    want = "bfloat16" if report.storage["value_max"] is None else "float16"
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == report.storage["dtype"] == want
 
 
 @pytest.mark.parametrize("storage", ["float32", "float16"])
@@ -221,8 +223,12 @@ def test_storage_dtype_is_what_stock_transformers_reloads(tmp_path, storage):
 def test_storage_dtype_keeps_what_from_pretrained_keeps_in_fp32():
     from llmq.storage import cast_unquantized_, storage_dtype
 
-    assert storage_dtype("auto", torch.float32) == torch.bfloat16
+    assert storage_dtype("auto", torch.float32) == torch.bfloat16  # range not measured
+    assert storage_dtype("auto", torch.float32, 32752.0) == torch.float16  # half the float16 range
+    assert storage_dtype("auto", torch.float32, 32753.0) == torch.bfloat16
+    assert storage_dtype("auto", torch.float32, float("nan")) == torch.bfloat16
     assert storage_dtype("auto", torch.float16) == torch.float16
+    assert storage_dtype("auto", torch.bfloat16, 1.0) == torch.bfloat16  # a 16-bit run keeps its dtype
     assert storage_dtype("float32", torch.float16) == torch.float32
     model = tiny_llama()
     quantize_(model, Quantization(), progress=False)

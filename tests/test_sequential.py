@@ -123,6 +123,7 @@ def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> Report:
         assert (seq / name).read_text() == (mem / name).read_text(), name
     assert list(rep_seq.to_dict()) == list(rep_mem.to_dict())
     assert rep_seq.alphas == rep_mem.alphas and rep_seq.calibration == rep_mem.calibration
+    assert rep_seq.storage == rep_mem.storage  # auto's storage dtype from the same measured range
     assert rep_seq.quantize.mode == "sequential"
 
     a, b = _tensors(mem), _tensors(seq)
@@ -138,6 +139,43 @@ def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> Report:
     assert torch.isfinite(lm).all()
     assert (lm - ls).abs().max().item() <= 1e-5
     return rep_seq
+
+
+@pytest.mark.parametrize("scale", [1.0, 5e5])
+def test_auto_storage_follows_the_measured_range(tmp_path, text, scale):
+    """auto from a float32 run stores the non-int8 tensors in float16 when every activation the int8 layers
+    produced on the calibration windows stays within half its range, else in bfloat16; both drivers decide
+    alike. Scaled embeddings put the residual stream at ~4e4: finite in float16 (65504), but too close."""
+    from safetensors.torch import load_file, save_file
+
+    fp = _fp_folder(tmp_path, "llama")
+    sd = load_file(str(fp / "model.safetensors"))
+    sd["model.embed_tokens.weight"] *= scale
+    save_file(sd, str(fp / "model.safetensors"), {"format": "pt"})
+    rep = _assert_same_outputs(_recipe(fp, text, "smoothquant", 0.5), tmp_path, 7 * 3)
+    want = "float16" if scale == 1.0 else "bfloat16"
+    assert rep.storage["dtype"] == want and json.loads((tmp_path / "seq" / "config.json").read_text())["dtype"] == want
+    assert (rep.storage["value_max"] * 2 <= 65504) == (scale == 1.0)
+    assert ("within" if scale == 1.0 else "beyond") in rep.storage["why"]
+    assert {t.dtype for k, t in _tensors(tmp_path / "seq").items() if k.endswith("norm.weight")} == {
+        getattr(torch, want)}
+
+
+def test_feed_measures_the_largest_output_of_any_module():
+    """advance_ returns the largest |value| any module of the layer output (a linear's -30 before the ReLU
+    clips it), and inf when something was nan."""
+    from torch import nn
+
+    from llmq.layers import Feed
+
+    layer = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU())
+    with torch.no_grad():
+        layer[0].weight.copy_(-3 * torch.eye(4))
+    inputs = [torch.tensor([[[10.0, 1.0, 2.0, 0.5]]])]
+    feed = Feed("model.layers.0", layer, inputs, [((), {})], torch.device("cpu"))
+    assert feed.advance_() == 30.0 and torch.equal(inputs[0], torch.tensor([[[0.0, 0.0, 0.0, 0.0]]]))
+    feed.inputs[0] = torch.tensor([[[float("nan"), 1.0, 2.0, 0.5]]])
+    assert feed.advance_() == float("inf")
 
 
 def _tensors_file(path: Path) -> dict[str, torch.Tensor]:
