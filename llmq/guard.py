@@ -135,7 +135,7 @@ def rank_by_kl(model, windows: torch.Tensor, fp, originals: dict[str, Any], prog
     int8 = {n: _swap_(model, n, originals[n]) for n in originals}
     out = {}
     try:
-        floor = kl()  # every linear in float, in the storage dtype: bfloat16 arithmetic's own KL on CPU
+        floor = kl()  # every linear in float, in the storage dtype: that dtype's own KL
         for n in tqdm(sorted(originals), desc="--max-kl: rank linears", unit="linear", disable=not progress):
             _swap_(model, n, int8[n])
             out[n] = kl() - floor
