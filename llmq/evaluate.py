@@ -95,12 +95,14 @@ def check_same_vocab(model: torch.nn.Module, reference: torch.nn.Module) -> None
                           "compare models that share a tokenizer; give another --reference")
 
 
+_NONFINITE_HINT = ("if float16 overflowed, evaluate with --dtype float32 or quantize with --storage-dtype "
+                   "bfloat16; else the weights hold inf/nan (a broken quantization)")
+
+
 def _check_finite(logits: torch.Tensor, i: int, who: str) -> None:
     if not torch.isfinite(logits).all():
         raise NumericalError(
-            f"non-finite logits in window {i} from the {who} (dtype {logits.dtype}); if float16 overflowed, "
-            "evaluate with --dtype float32 or quantize with --storage-dtype bfloat16; else the weights hold inf/nan (a "
-            "broken quantization)")
+            f"non-finite logits in window {i} from the {who} (dtype {logits.dtype}); " + _NONFINITE_HINT)
 
 
 def _nll(logits: torch.Tensor, target: torch.Tensor, i: int, *, normalized: bool = False) -> float:
@@ -117,9 +119,7 @@ def _nll(logits: torch.Tensor, target: torch.Tensor, i: int, *, normalized: bool
     total = rows.sum(dtype=torch.float64).item()
     if not math.isfinite(total):
         raise NumericalError(
-            f"non-finite logits in window {i} (NLL {total}, dtype {logits.dtype}); if float16 overflowed, "
-            "evaluate with --dtype float32 or quantize with --storage-dtype bfloat16; else the weights hold inf/nan (a "
-            "broken quantization)")
+            f"non-finite logits in window {i} (NLL {total}, dtype {logits.dtype}); " + _NONFINITE_HINT)
     return total
 
 

@@ -138,7 +138,7 @@ def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames:
 
     Each layer is calibrated (and its alpha searched) on the outputs of the layers before it as already
     converted to int8, the inputs it will see in use (propagated, as GPTQ does). With `hidden`, the result's
-    `act_max` range is the largest |value| of layer 0's input and of any module output of the int8 layers."""
+    `act_range` is the largest |value| of layer 0's input and of any module output of the int8 layers."""
     from tqdm.auto import tqdm
 
     from .stage import BlockResult, quantize_block_

@@ -42,7 +42,7 @@ from .report import QuantizeInfo, Report
 from .run import block_report, calibration_split, finish_output, preflight, saved_stats, stamp_
 from .save import atomic_dir
 from .stage import check_scales, full_pass, needs_windows, smoothing_targets
-from .storage import cast_unquantized_, measures_range, storage_dtype, storage_entry, stored_dtype
+from .storage import cast_unquantized_, measures_range, storage_dtype, storage_entry, stored_dtype, value_max
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ class _Job:
     # of the non-int8 tensors written (llmq/storage.py); None until the layer loop measured the range auto
     # decides on (then every layer's float tensors wait in the run dtype, apart from its int8 state)
     storage: torch.dtype | None = torch.float32
-    weight_max: float = 0.0  # largest |non-int8 weight| of the layers, while storage is None
-    outside_max: float = 0.0  # ... and of the non-layer tensors (read when catching the inputs)
+    weight_max: float = 0.0  # largest |non-int8 weight| (llmq/storage.py value_max) seen, while storage is None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -118,9 +117,8 @@ def _catch_inputs_(job: _Job, store: torch.device) -> None:
         head = [n for n, m in job.model.named_modules() if m is job.model.get_output_embeddings()]
         _place_(job.model, [job.path, *head], job.device)
     job.hidden, job.extras = catch_inputs(job.model, job.layers, job.windows, job.device, store)
-    if job.storage is None:  # auto's range counts the non-layer weights (embeddings, final norm, head)
-        job.outside_max = max([0.0, *(t.abs().amax().item() for k, t in job.model.state_dict().items()
-                                      if not k.startswith(job.path + ".") and t.is_floating_point() and t.numel())])
+    if job.storage is None:  # auto's range counts the non-layer weights (the layers are still meta here)
+        job.weight_max = max(job.weight_max, value_max(job.model))
     params = dict(job.model.named_parameters(remove_duplicate=False))
     for k in job.outside():
         if k in params or k in job.kmap:
@@ -149,8 +147,8 @@ def _unload_layer(job: _Job, i: int) -> None:
         cast_unquantized_(job.model, job.storage, only=prefix)
     sd = job.layers[i].state_dict(prefix=prefix)
     if job.storage is None:
+        job.weight_max = max(job.weight_max, value_max(job.model, only=prefix))
         floats = {k: t for k, t in sd.items() if t.is_floating_point() and not k.endswith("SCB")}
-        job.weight_max = max([job.weight_max, *(t.abs().amax().item() for t in floats.values() if t.numel())])
         save_file({k: t.detach().to("cpu").contiguous() for k, t in floats.items()},
                   str(job.staging / f"float-{i:05d}.safetensors"), {"format": "pt"})  # model names
         sd = {k: t for k, t in sd.items() if k not in floats}
@@ -165,7 +163,7 @@ def _decide_storage(job: _Job, run: torch.dtype, act_max: float | None) -> dict:
     from safetensors.torch import load_file
 
     name = job.recipe.quantization.storage_dtype
-    vmax = None if act_max is None else max(act_max, job.weight_max, job.outside_max)
+    vmax = None if act_max is None else max(act_max, job.weight_max)
     job.storage = storage_dtype(name, run, vmax)
     for p in sorted(job.staging.glob("float-*.safetensors")):
         sd = load_file(str(p))

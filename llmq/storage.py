@@ -62,10 +62,11 @@ def why(dtype: torch.dtype, name: str, run_dtype: torch.dtype, value_max: float 
             f"{'within' if dtype == torch.float16 else 'beyond'} half the float16 range)")
 
 
-def value_max(model: torch.nn.Module) -> float:
-    """The largest |value| of the float tensors that `cast_unquantized_` would cast (not int8, not SCB)."""
+def value_max(model: torch.nn.Module, *, only: str = "") -> float:
+    """The largest |value| of the float tensors that `cast_unquantized_` would cast (not int8, not SCB; under
+    the name prefix `only`; meta tensors skipped)."""
     m = 0.0
-    for name, t in _saved(model, ""):
+    for name, t in _saved(model, only):
         if t.is_floating_point() and not name.endswith("SCB") and t.device.type != "meta" and t.numel():
             m = max(m, t.detach().abs().amax().item())
     return m
