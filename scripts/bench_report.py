@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_decode
+from bench_choices import choice_markdown, choice_rows
 from bench_plots import _mode_words
 
 MIB = 1024 * 1024
@@ -235,7 +236,8 @@ def markdown(s: dict[str, Any]) -> str:
             f"{r['perplexity']:.4f} | {_fmt(r['perplexity_ratio'], '.4f')} | {r['checkpoint_bytes'] / MIB:.1f} | "
             f"{_fmt(r['checkpoint_ratio_fp16'], '.3f')} | {_fmt(r['bytes_per_int8_weight'], '.4f')} | "
             f"{r['weight_memory_bytes'] / MIB:.1f} |")
-    lines += ["", *fidelity_markdown(s["fidelity"]), "#### Cost and speed", "",
+    lines += ["", *fidelity_markdown(s["fidelity"]), *choice_markdown(s.get("choices") or []),
+              "#### Cost and speed", "",
               "| row | quantize s | / FP forward over calib tokens | quantize peak MiB above start | "
               "eval tok/s (full run) | tok/s / FP32 (same process) | evaluator / bare loop | load |",
               "|---|---|---|---|---|---|---|---|"]
@@ -366,7 +368,8 @@ def write(results: dict[str, dict[str, Any]], cfg: Any, model: str, slug: str, o
          "protocol": _get(fp, "eval", "protocol") or "-", "speed_windows": cfg.timing.speed_windows,
          "calibration": f"{cal.source}, {cal.samples} windows x {cal.seq_len} tokens, seed {seeds}",
          "loadavg_1min": [min(loads), max(loads)] if loads else [0.0, 0.0],
-         "rows": rows, "simulated": sim, "fidelity": fidelity_rows(results), "decode": decode}
+         "rows": rows, "simulated": sim, "fidelity": fidelity_rows(results), "decode": decode,
+         "choices": choice_rows(results)}
     bare_all = _get(fp, "bare_all_windows")
     if bare_all:
         s["fp32_all_windows"] = {**bare_all, "windows": fp["eval"]["windows"],

@@ -257,6 +257,7 @@ def row_llmq(row: dict, cfg: BenchConfig, model_id: str, work: Path, progress: b
         save_stats(stats, stats_path(work, cfg.calibration, sm.groups, sm.auto_tokens))
     alphas = report.alphas or {}
     out["quantize"] = {**q, "alpha": report.alpha, "threshold": report.threshold, "guard": report.guard,
+                       "storage": report.storage,
                        "mean_alpha": statistics.mean(alphas.values()) if alphas else None, "alphas": alphas}
     fp, _ = load(model_id, dtype="float32", device=recipe.device)
     out["fp_calibration_forward"] = fp_calibration_forward(fp, cal_windows, cfg.timing.calib_forward_windows)
@@ -270,7 +271,7 @@ def row_llmq(row: dict, cfg: BenchConfig, model_id: str, work: Path, progress: b
             m, tok, rep, _, qs, _ = _quantize(model_id, r, cfg, progress)
             out["quality"] += quality(m, tok, fp, cfg, work, seed, progress)
             out.setdefault("spread", []).append({"seed": seed, "seconds": qs["seconds"], "alphas": rep.alphas,
-                                                 "guard": rep.guard})
+                                                 "guard": rep.guard, "storage": rep.storage})
     return out
 
 

@@ -193,3 +193,22 @@ def test_raw_json_names_evaluation_peaks_as_process_peaks() -> None:
     assert raw["w8a8"]["quality"][0]["process_peak_memory_bytes"] == 30
     assert raw["w8a8"]["eval"]["process_peak_note"] == bench_report.PEAK_NOTE
     assert raw["decode-w8a8"] == {"decode": {"x": 1}} and ev["peak_memory_bytes"] == 30  # inputs untouched
+
+
+def test_choices_table_names_storage_and_the_guards_pick_per_seed() -> None:
+    from bench_choices import choice_markdown, choice_rows
+
+    guard = {"chosen": "alpha 0", "held_out_tokens": 1022,
+             "candidates": {"auto": {"kl_divergence": 0.02}, "alpha 0": {"kl_divergence": 0.01}}}
+    storage = {"dtype": "float16", "value_max": 2.5e4}
+    results = {"fp32": {"kind": "fp"},
+               "sq": {"kind": "llmq", "recipe": {"calibration": {"seed": 0}},
+                      "quantize": {"storage": storage, "guard": guard},
+                      "spread": [{"seed": 1, "storage": {"dtype": "bfloat16", "value_max": None}, "guard": None}]},
+               "rtn": {"kind": "llmq", "skipped": "no recipe"}}
+    rows = choice_rows(results)
+    assert [(r["row"], r["seed"]) for r in rows] == [("sq", 0), ("sq", 1)]
+    text = "\n".join(choice_markdown(rows))
+    assert "| sq | 0 | float16 (max 2.5e+04) | alpha 0 | auto 0.02, alpha 0 0.01 (1022) |" in text
+    assert "| sq | 1 | bfloat16 | - | - |" in text
+    assert choice_markdown([{"row": "x", "seed": 0, "storage": None, "guard": None}]) == []
