@@ -52,7 +52,7 @@ def machine() -> dict[str, Any]:
     mem = next((int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
                 if ln.startswith("MemTotal")), 0) if Path("/proc/meminfo").is_file() else 0
     out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": mem,
-           "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+           "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
                    if f in flags],
            "python": sys.version.split()[0], **versions()}
     if torch.cuda.is_available():
