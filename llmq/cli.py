@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args.progress = not args.quiet and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes warns on CPU that its optional 4-bit kernels are missing; llmq never uses 4-bit
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes warns on CPU that its optional 4-bit kernels are missing, and the `kernels` package it looks
+    # them up with (installed with transformers >= 5.25) warns that it cannot check their publisher offline;
+    # llmq never uses 4-bit
+    for noisy in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     # and on every int8 forward that non-float16 inputs are cast to float16: the documented W8A8 path
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if args.quiet:
