@@ -199,12 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns on CPU that its optional 4-bit kernels are missing, and the `kernels` package it looks
-    # them up with (installed with transformers >= 5.25) warns that it cannot check their publisher offline;
-    # llmq never uses 4-bit
-    for noisy in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    # them up with (installed with transformers >= 5.25) warns that it cannot check their publisher offline
+    # (llmq never uses 4-bit); and on every int8 forward that non-float16 inputs are cast to float16: the
+    # documented W8A8 path
+    for noisy in ("bitsandbytes.backends.cpu.ops", "kernels", "bitsandbytes.autograd._functions"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    # and on every int8 forward that non-float16 inputs are cast to float16: the documented W8A8 path
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _on_sigterm)

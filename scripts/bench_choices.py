@@ -13,7 +13,7 @@ def choice_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("kind") != "llmq" or r.get("skipped"):
             continue
         runs = [{"seed": r.get("recipe", {}).get("calibration", {}).get("seed"), "storage": q.get("storage"),
-                 "guard": q.get("guard")}] + [dict(s) for s in r.get("spread") or []]
+                 "guard": q.get("guard")}, *(r.get("spread") or [])]
         out += [{"row": name, **run} for run in runs]
     return out
 
