@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base-model", default=None, metavar="ID", help="Hub id the model card names as base_model")
     q.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
                    help="round weights to nearest (bitsandbytes' own) instead of GPTQ's error-compensated rounding")
-    q.add_argument("--rotate", action="store_true", default=None,
+    q.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate the residual stream by a randomized Hadamard matrix folded into the weights "
                         "before quantizing (QuaRot's R1; llama, mistral, qwen2, qwen3, phi3, gemma; unties a "
-                        "tied lm_head; in-memory mode)")
+                        "tied lm_head; in-memory mode). Default auto: on where lm_head is untied (no extra "
+                        "bytes) and --alpha auto's guard compares it with the unrotated model")
     q.add_argument("--max-kl", type=float, default=None, metavar="X",
                    help="keep the linears whose int8 costs the most KL (each measured alone, end to end) in "
                         "16-bit until the KL to FP on held-out calibration windows is at most X (in-memory mode)")

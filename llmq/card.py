@@ -166,7 +166,8 @@ def _rotation(rep: Report) -> str:
             "moved into the linears it feeds, embedding and lm_head rotated), so the float model computes the "
             "same logits while activations have smaller outliers; the weights therefore differ from the base "
             "model's." + (f" lm_head was untied from the embedding for it: {extra / 1e6:.1f}M more parameters "
-                          "in the float dtype of the non-int8 tensors." if extra else ""))
+                          "in the float dtype of the non-int8 tensors." if extra else "")
+            + (f" The rotation was llmq's default choice (rotate: auto): {r['auto']}." if r.get("auto") else ""))
 
 
 def _alpha(rep: Report, method: str) -> list[str]:

@@ -125,12 +125,15 @@ class Quantization:
     max_kl: float | None = None  # keep the costliest linears (llmq/guard.py) in 16-bit until held-out KL <= this
     rank_windows: int = 2  # --max-kl: calibration windows each linear's end-to-end effect is measured on
     gptq: bool = True  # error-compensated int8 weights (GPTQ with input Hessians from calibration); False: RTN
-    rotate: bool = False  # rotate the residual stream first, folded into the weights (llmq/rotate.py)
+    rotate: bool | str = "auto"  # rotate the residual stream first, folded into the weights (llmq/rotate.py);
+    # auto: where it costs no bytes and the guard checks it (llmq/rotate.py `auto_rotate`)
     storage_dtype: str = "auto"  # of everything not int8; what stock from_pretrained runs it in (llmq/storage.py)
 
     def __post_init__(self) -> None:
         _check(self.max_kl is None or (math.isfinite(self.max_kl) and self.max_kl > 0),
                f"quantization.max_kl (--max-kl) must be a positive number, got {self.max_kl}")
+        _check(isinstance(self.rotate, bool) or self.rotate == "auto", "quantization.rotate (--rotate / "
+               f"--no-rotate) must be true, false or auto, got {self.rotate!r}")
         _check(self.rank_windows >= 1, f"quantization.rank_windows must be >= 1, got {self.rank_windows}")
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         _check(self.storage_dtype in STORAGE_DTYPES, f"quantization.storage_dtype (--storage-dtype) must be one "

@@ -46,7 +46,7 @@ def rivals(recipe: Recipe, model_type: str) -> dict[str, Recipe]:
     arch = ARCHS.get(model_type)
     if arch is not None and recipe.quantization.method == "smoothquant":
         out[f"family alpha {arch.alpha:g}"] = replace(recipe, smoothing=replace(recipe.smoothing, alpha=arch.alpha))
-    if recipe.quantization.rotate:
+    if recipe.quantization.rotate is True:  # as resolved (llmq/run.py resolve_rotate); "auto" is not yet
         out["auto, no rotation"] = replace(recipe, quantization=replace(recipe.quantization, rotate=False),
                                            calibration=replace(recipe.calibration, act_scales=None))
     return out

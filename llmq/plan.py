@@ -286,7 +286,7 @@ def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
                     else "neither fits; --sequential needs less")
             return False, f"in-memory ({need}; {fits})"
         why = f"sequential ({need})"
-    if recipe.quantization.rotate:
+    if recipe.quantization.rotate is True:  # auto: off in sequential mode (llmq/rotate.py auto_rotate)
         raise ConfigError("--rotate rotates the embedding, every layer and lm_head of the whole model, which "
                           f"sequential mode ({why}) never holds at once; drop --rotate, or --sequential, or "
                           "raise --max-memory")

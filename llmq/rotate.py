@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .errors import UnsupportedArchitecture
+from .errors import ConfigError, UnsupportedArchitecture
 from .smooth import smooth_targets
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,38 @@ def check_rotatable(model_type: str | None) -> None:
             "drop --rotate")
 
 
+def auto_rotate(model: nn.Module, recipe, scales=None) -> tuple[bool, str]:
+    """What `quantization.rotate: auto` (the default) means for this in-memory model, and why (one phrase).
+
+    On only where the rotation costs no bytes and cannot ship a worse model: W8A8 or weight-only with
+    `--alpha auto` and its guard (which then also quantizes the unrotated model and ships whichever has the
+    lower held-out KL, llmq/guard.py), a family the rotation folds into, an lm_head of its own (a tied one
+    would be untied: vocab x hidden more 16-bit parameters, which only `--rotate` asks for), every weight
+    resident, weights not float16 (the folded norms could overflow it). With --act-scales it follows what
+    they were measured on. Measured (docs/benchmarks.md, "Rotation"): guard held-out KL -32% on SmolLM2,
+    -44% on Qwen2.5."""
+    q, sm = recipe.quantization, recipe.smoothing
+    if scales is not None:
+        return scales.rotated, f"--act-scales were measured {'with' if scales.rotated else 'without'} a rotation"
+    if q.method not in ("smoothquant", "weight-only"):
+        return False, f"not measured with {q.method}"
+    if sm.alpha != "auto" or sm.guard_windows <= 0:
+        return False, ("only with --alpha auto and its guard, which also quantizes the unrotated model and "
+                       "ships the one with the lower held-out KL")
+    model_type = model.config.model_type
+    if model_type not in ROTATABLE:
+        return False, f"{model_type} has no exact fold (--rotate supports {', '.join(ROTATABLE)})"
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() == emb.weight.data_ptr():
+        return False, ("lm_head is tied to the embedding and would be untied (vocab x hidden more 16-bit "
+                       "parameters); --rotate asks for that")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return False, "some weights are offloaded"
+    if emb.weight.dtype == torch.float16:  # each norm's multipliers fold into the weights: they can pass 65504
+        return False, "float16 weights could overflow where the norms fold into them (not checked yet)"
+    return True, "untied lm_head, so no extra bytes; the guard compares it with the unrotated model"
+
+
 def _rotate_in_(w: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None = None) -> None:
     """w [out, in] <- (w diag(m)) Q, in float64 chunks of rows, stored in w's dtype."""
     qd = q.to(w.device)
@@ -164,5 +196,10 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     final_kind = targets[(layers[-1], "attn")].prev_kind  # the final norm is of the layers' kind
     _rotate_in_(head.weight, q, _take_norm(model.get_decoder().norm, final_kind))
     _rotate_in_(emb.weight, q)
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ConfigError(f"rotating the residual stream overflowed {str(p.dtype).removeprefix('torch.')} in "
+                              f"{name} (weights or norm multipliers near the dtype's limit); quantize with "
+                              "--no-rotate")
     log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix", len(layers), n, n, kind)
     return {"kind": kind, "size": n, "seed": seed, "untied_lm_head_params": untied}

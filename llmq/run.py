@@ -68,7 +68,7 @@ def check_rotated(scales: CalibrationStats | None, recipe: Recipe) -> None:
     """ConfigError when --act-scales were measured with --rotate and this run is without it, or the reverse:
     the maxima belong to other channels."""
     rotate = recipe.quantization.rotate
-    if scales is not None and scales.rotated != rotate:
+    if scales is not None and rotate != "auto" and scales.rotated != rotate:  # auto follows them (auto_rotate)
         raise ConfigError(f"--act-scales {recipe.calibration.act_scales!r} were measured "
                           f"{'with' if scales.rotated else 'without'} --rotate and this run is "
                           f"{'with' if rotate else 'without'} it, so they describe other channels; "
@@ -116,12 +116,35 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
     write_card(tmp, recipe.push.repo_id)
 
 
+def resolve_rotate(model, recipe: Recipe, scales: CalibrationStats | None = None) -> tuple[Recipe, str | None]:
+    """`recipe` with `quantization.rotate: auto` decided for `model` (llmq/rotate.py `auto_rotate`), and why
+    (None when the recipe said true or false)."""
+    from dataclasses import replace
+
+    from .rotate import auto_rotate
+
+    q = recipe.quantization
+    if q.rotate != "auto":
+        return recipe, None
+    if scales is None and recipe.calibration.act_scales and needs_windows(recipe):
+        scales = load_act_scales(recipe.calibration.act_scales)
+    on, why = auto_rotate(model, recipe, scales)
+    log.info("rotate auto: %s (%s)", "on" if on else "off", why)
+    return replace(recipe, quantization=replace(q, rotate=on)), why
+
+
 def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None = None,
                     scales: CalibrationStats | None = None,
                     progress: bool = True) -> tuple[Report, CalibrationStats | None]:
     """Smooth (smoothquant, weight-only) and replace the linears with Int8 modules, in place; see `_quantize_`.
-    Returns the report's quantization fields and the calibration statistics to save (None without)."""
+    Returns the report's quantization fields and the calibration statistics to save (None without).
+    `quantization.rotate: auto` means off here (no guard to check it), unless `scales` were rotated."""
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
+    if recipe.quantization.rotate == "auto":
+        from dataclasses import replace
+
+        rotate = scales is not None and scales.rotated
+        recipe = replace(recipe, quantization=replace(recipe.quantization, rotate=rotate))
     report, stats, _ = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     return report, stats
 
@@ -202,7 +225,8 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, p
         return m, _quantize_(m, tok, rec, windows=windows, scales=scales if same else None, progress=False)
 
     fp = load_fp()  # the float reference of every held-out KL, loaded once for the guard and --max-kl
-    if recipe.smoothing.alpha == "auto" and report.alphas:  # smoothquant, or weight-only that was rescaled
+    # smoothquant, or weight-only that was rescaled or rotated
+    if recipe.smoothing.alpha == "auto" and (report.alphas or recipe.quantization.rotate):
         model, won, result = guard_(model, recipe, held, fp, build)
         if won is not None:
             alpha, auto_stats, auto_alphas = report.alpha, stats, report.alphas
@@ -227,11 +251,14 @@ def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = No
     in place, then the end-to-end checks on held-out windows (the guard of auto alpha, --max-kl). Returns
     (the model to ship: `model` or a rival the guard chose, its report fields, its statistics to save)."""
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)  # once, not per rival
+    recipe, why = resolve_rotate(model, recipe, scales)
     windows, held = calibration_split(tokenizer, recipe, text)
     built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
-    if held is None:
-        return model, built[0], built[1]
-    return _checked_(model, tokenizer, recipe, windows, held, scales, built, progress)
+    model, report, stats = (model, *built[:2]) if held is None else _checked_(model, tokenizer, recipe, windows,
+                                                                             held, scales, built, progress)
+    if why is not None and report.rotation is not None:
+        report.rotation["auto"] = why
+    return model, report, stats
 
 
 def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: bool = False,
@@ -243,7 +270,7 @@ def run(recipe: Recipe, out: str | Path, *, overwrite: bool = False, evaluate: b
     cal = recipe.calibration
     model_type = load_config(recipe.model, recipe.trust_remote_code).model_type
     check_int8_supported(model_type)  # before the weights
-    if recipe.quantization.rotate:
+    if recipe.quantization.rotate is True:  # auto: only where it folds (auto_rotate)
         check_rotatable(model_type)
     model, tok = load(recipe.model, dtype=recipe.dtype, device=recipe.device,
                       trust_remote_code=recipe.trust_remote_code)

@@ -221,10 +221,11 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     from transformers.core_model_loading import dot_natural_key
 
     q, cal = recipe.quantization, recipe.calibration
-    if q.rotate:
-        raise ConfigError("--rotate needs the whole model in memory (it rotates the embedding, every layer and "
-                          "lm_head together); sequential mode cannot run it: drop --rotate or --sequential")
     inputs = preflight(recipe, out, overwrite)
+    if q.rotate is True or (q.rotate == "auto" and inputs.scales is not None and inputs.scales.rotated):
+        raise ConfigError("--rotate needs the whole model in memory (it rotates the embedding, every layer and "
+                          "lm_head together); sequential mode cannot run it: drop --rotate (or --act-scales "
+                          "measured with it) or --sequential")
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
     files = shards.weight_files(recipe.model)

@@ -375,7 +375,9 @@ CASES = [
     Case("act-scales-other-width", T + " --alpha 0.5 --act-scales {scales_shape}", "have shapes",
          "recalibrate without --act-scales"),
     # numerical faults, named by layer
-    Case("activations-overflow", T.replace("{tiny}", "{overflow}"),
+    Case("rotation-overflow", T.replace("{tiny}", "{overflow}"), "rotating the residual stream overflowed float32",
+         "--no-rotate"),
+    Case("activations-overflow", T.replace("{tiny}", "{overflow}") + " --no-rotate",
          "non-finite activations (inf/nan) at the input of model.layers.0.mlp.down_proj", "--dtype float32"),
     Case("activations-beyond-fp16", T.replace("{tiny}", "{fp16range}") + " --alpha 0",
          "float16 range at model.layers.0.self_attn.q_proj", "--method llm-int8"),

@@ -39,10 +39,10 @@ def test_split_windows_is_disjoint_and_spread():
 
 
 def test_rivals_are_alpha_zero_and_the_family_alpha():
-    r = rivals(Recipe(), "llama")
+    r = rivals(Recipe().override({"quantization.rotate": False}), "llama")  # as resolve_rotate leaves it
     assert [x.smoothing.alpha for x in r.values()] == [0.0, 0.85]
     assert [x.smoothing.alpha for x in rivals(Recipe(), "not-a-family").values()] == [0.0]
-    assert all(not x.quantization.rotate for x in r.values())
+    assert all(x.quantization.rotate is False for x in r.values())
 
 
 def test_with_rotate_the_unrotated_auto_run_is_a_rival():
@@ -165,7 +165,7 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path):
     g = rep.guard
     assert g is not None and g["held_out_windows"] == 3 and g["held_out_tokens"] == 3 * 31
     kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
-    assert sorted(kls) == ["alpha 0", "auto", "family alpha 0.85"]
+    assert sorted(kls) == ["alpha 0", "auto", "auto, no rotation", "family alpha 0.85"]  # untied: rotate auto
     assert kls[g["chosen"]] == min(kls.values()) and kls[g["chosen"]] <= kls["alpha 0"]
     assert g["fell_back"] == (g["chosen"] != "auto")
     assert rep.calibration.samples == 6 and rep.calibration.tokens == 6 * 32  # held-out windows not used
@@ -183,7 +183,7 @@ def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
     text.write_text(tiny_text(4000))
     recipe = Recipe(model=str(fp), calibration=Calibration(source=str(text), samples=6, seq_len=32),
                     smoothing=Smoothing(alpha="auto", auto_tokens=64, guard_windows=3, grid=(0.0, 0.4, 0.8)),
-                    quantization=Quantization(method="weight-only"))
+                    quantization=Quantization(method="weight-only", rotate=False))  # the scaling alone
     rep = run(recipe, tmp_path / "out", progress=False)
     g = rep.guard
     kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}

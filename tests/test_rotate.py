@@ -127,6 +127,7 @@ def test_act_scales_remember_whether_they_were_rotated(tmp_path):
     save_file({"a": torch.ones(3)}, tmp_path / "old.safetensors")  # written before the metadata existed
     assert not load_act_scales(tmp_path / "old.safetensors").rotated
     unrotated = Recipe.from_dict({"model": str(src), "smoothing": {"alpha": 0.5},
+                                  "quantization": {"rotate": False},
                                   "calibration": {"source": str(tmp_path / "cal.txt"), "act_scales": str(scales)}})
     with pytest.raises(ConfigError, match="measured with --rotate and this run is without it"):
         run(unrotated, tmp_path / "q2", progress=False)
@@ -163,3 +164,92 @@ def test_guard_checks_auto_with_rotation_against_auto_without(tmp_path):
     assert (report.rotation is not None) == rotated
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg.get("tie_word_embeddings", True) is not rotated
+
+
+def _auto(model_type="llama", tied=False, **recipe):
+    from llmq.config import Recipe
+    from llmq.rotate import auto_rotate
+
+    model = _build(model_type)[0] if model_type != "llama" else tiny_llama(tie_word_embeddings=tied)
+    return auto_rotate(model, Recipe.from_dict(recipe))
+
+
+def test_auto_rotates_only_where_it_is_free_and_guarded():
+    """rotate: auto (the default) is on for an untied, rotatable model under --alpha auto with its guard;
+    every other case is off, with the reason."""
+    from llmq.calibrate import CalibrationStats
+    from llmq.config import Recipe
+    from llmq.rotate import auto_rotate
+
+    assert Recipe().quantization.rotate == "auto"
+    assert _auto() == (True, "untied lm_head, so no extra bytes; the guard compares it with the unrotated model")
+    assert _auto(quantization={"method": "weight-only"})[0]
+    off = {
+        "tied": _auto(tied=True),
+        "llm-int8": _auto(quantization={"method": "llm-int8"}),
+        "fixed alpha": _auto(smoothing={"alpha": 0.5}),
+        "no guard": _auto(smoothing={"guard_windows": 0}),
+        "gpt2": _auto("gpt2"),
+        "float16": auto_rotate(tiny_llama().half(), Recipe()),
+    }
+    assert not any(on for on, _ in off.values())
+    assert "tied to the embedding" in off["tied"][1] and "--rotate asks" in off["tied"][1]
+    assert "not measured with llm-int8" in off["llm-int8"][1]
+    assert "--alpha auto and its guard" in off["fixed alpha"][1] == off["no guard"][1]
+    assert "gpt2 has no exact fold" in off["gpt2"][1]
+    assert "float16 weights could overflow" in off["float16"][1]
+    for rotated in (True, False):  # --act-scales decide: the maxima belong to one basis
+        got = auto_rotate(tiny_llama(tie_word_embeddings=True), Recipe(), CalibrationStats({}, rotated=rotated))
+        assert got[0] is rotated and "--act-scales were measured" in got[1]
+
+
+def test_rotate_must_be_true_false_or_auto():
+    from llmq.config import Recipe
+    from llmq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantization.rotate .* must be true, false or auto, got 'yes'"):
+        Recipe.from_dict({"quantization": {"rotate": "yes"}})
+
+
+def test_cli_rotate_flags():
+    from llmq.args import build_parser, recipe_from_args
+
+    parse = build_parser().parse_args
+    got = [recipe_from_args(parse(["quantize", "m", "--out", "o", *f])).quantization.rotate
+           for f in ([], ["--rotate"], ["--no-rotate"])]
+    assert got == ["auto", True, False]
+
+
+def test_card_says_when_auto_chose_the_rotation():
+    from llmq.card import _rotation
+    from llmq.report import Report
+
+    r = {"kind": "randomized Hadamard", "size": 64, "seed": 0, "untied_lm_head_params": 0}
+    assert "rotate: auto" not in _rotation(Report("smoothquant", 0.0, rotation=r))
+    assert "llmq's default choice (rotate: auto): untied lm_head." in _rotation(
+        Report("smoothquant", 0.0, rotation={**r, "auto": "untied lm_head"}))
+
+
+def test_default_recipe_rotates_an_untied_model_and_the_guard_checks_it(tmp_path):
+    """The default (rotate auto) on an untied llama: rotated, the unrotated auto run is the guard's rival, and the
+    report says auto chose it; the same model tied is not rotated and has no such rival."""
+    from llmq.config import Recipe
+    from llmq.run import run
+
+    text = tmp_path / "cal.txt"
+    text.write_text(tiny_text(3000))
+    for tied in (False, True):
+        src = tmp_path / f"tiny-{tied}"
+        tiny_llama(tie_word_embeddings=tied).save_pretrained(src)
+        tiny_tokenizer().save_pretrained(src)
+        recipe = Recipe.from_dict({"model": str(src), "device": "cpu",
+                                   "calibration": {"source": str(text), "samples": 4, "seq_len": 32}})
+        report = run(recipe, tmp_path / f"q-{tied}", progress=False)
+        cand = report.guard["candidates"]
+        assert ("auto, no rotation" in cand) is not tied
+        rotated = not tied and report.guard["chosen"] != "auto, no rotation"
+        assert (report.rotation is not None) is rotated
+        if rotated:
+            assert report.rotation["auto"].startswith("untied lm_head") and report.rotation["size"] == 64
+            assert "llmq's default choice (rotate: auto): untied lm_head" in (tmp_path / "q-False" / "README.md"
+                                                                               ).read_text()
