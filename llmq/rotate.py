@@ -170,6 +170,8 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     rotation's kind and size and the parameters an untied lm_head adds. Float logits are unchanged up to rounding
     in the model's dtype."""
     check_rotatable(model.config.model_type)
+    # non-finite before: a damaged checkpoint, which the quantization's own weight check names as such
+    broken = {n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()}
     cfg = model.config.get_text_config()
     n = cfg.hidden_size
     q, kind = rotation(n, seed)
@@ -197,7 +199,7 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     _rotate_in_(head.weight, q, _take_norm(model.get_decoder().norm, final_kind))
     _rotate_in_(emb.weight, q)
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if not broken and p.is_floating_point() and not torch.isfinite(p).all():
             raise ConfigError(f"rotating the residual stream overflowed {str(p.dtype).removeprefix('torch.')} in "
                               f"{name} (weights or norm multipliers near the dtype's limit); quantize with "
                               "--no-rotate")
