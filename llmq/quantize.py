@@ -120,14 +120,22 @@ def linear_names(model, skip: tuple[str, ...] = ()) -> list[str]:
     return names
 
 
-def check_finite_weights(model) -> None:
+def nonfinite_weight(model) -> str | None:
+    """The name of the first resident floating-point parameter holding inf/nan, else None."""
     for name, p in model.named_parameters():
         if not p.is_floating_point() or p.device.type == "meta":
             continue
         # in chunks: isfinite makes full-size temporaries (|x| and masks), ~2x an embedding matrix at once
         if not all(torch.isfinite(c).all() for c in p.detach().reshape(-1).split(2**22)):
-            raise NumericalError(f"the model's weights hold inf/nan in {name}; the checkpoint is damaged "
-                                 "(re-download or re-export it)")
+            return name
+    return None
+
+
+def check_finite_weights(model) -> None:
+    name = nonfinite_weight(model)
+    if name is not None:
+        raise NumericalError(f"the model's weights hold inf/nan in {name}; the checkpoint is damaged "
+                             "(re-download or re-export it)")
 
 
 def check_weight_range(w_max: float, name: str) -> None:

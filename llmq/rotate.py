@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedArchitecture
+from .quantize import check_finite_weights, nonfinite_weight
 from .smooth import smooth_targets
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,12 @@ def auto_rotate(model: nn.Module, recipe, scales=None) -> tuple[bool, str]:
     return True, "untied lm_head, so no extra bytes; the guard compares it with the unrotated model"
 
 
+def unguarded_rotate(rotate: bool | str, scales=None) -> bool:
+    """What `quantization.rotate` means where no guard checks the choice (llmq.quantize_model_, sequential
+    mode): true/false as given; auto follows the basis --act-scales were measured in, else off."""
+    return rotate is True or (rotate == "auto" and scales is not None and scales.rotated)
+
+
 def _rotate_in_(w: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None = None) -> None:
     """w [out, in] <- (w diag(m)) Q, in float64 chunks of rows, stored in w's dtype."""
     qd = q.to(w.device)
@@ -170,8 +177,7 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     rotation's kind and size and the parameters an untied lm_head adds. Float logits are unchanged up to rounding
     in the model's dtype."""
     check_rotatable(model.config.model_type)
-    # non-finite before: a damaged checkpoint, which the quantization's own weight check names as such
-    broken = {n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()}
+    check_finite_weights(model)  # inf/nan before: a damaged checkpoint, named as such; after: the rotation's
     cfg = model.config.get_text_config()
     n = cfg.hidden_size
     q, kind = rotation(n, seed)
@@ -198,10 +204,10 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     final_kind = targets[(layers[-1], "attn")].prev_kind  # the final norm is of the layers' kind
     _rotate_in_(head.weight, q, _take_norm(model.get_decoder().norm, final_kind))
     _rotate_in_(emb.weight, q)
-    for name, p in model.named_parameters():
-        if not broken and p.is_floating_point() and not torch.isfinite(p).all():
-            raise ConfigError(f"rotating the residual stream overflowed {str(p.dtype).removeprefix('torch.')} in "
-                              f"{name} (weights or norm multipliers near the dtype's limit); quantize with "
-                              "--no-rotate")
+    name = nonfinite_weight(model)
+    if name is not None:
+        dtype = str(model.get_parameter(name).dtype).removeprefix("torch.")
+        raise ConfigError(f"rotating the residual stream overflowed {dtype} in {name} (weights or norm "
+                          "multipliers near the dtype's limit); quantize with --no-rotate")
     log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix", len(layers), n, n, kind)
     return {"kind": kind, "size": n, "seed": seed, "untied_lm_head_params": untied}

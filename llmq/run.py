@@ -27,7 +27,7 @@ from .load import check_seq_len, load, load_config
 from .memory import PeakMemory
 from .quantize import check_skip_matches, linear_names, mark_quantized_, replace_linears_
 from .report import CalibrationInfo, QuantizeInfo, Report
-from .rotate import check_rotatable, rotate_
+from .rotate import auto_rotate, check_rotatable, rotate_, unguarded_rotate
 from .save import atomic_dir, check_output, save_checkpoint
 from .stage import BlockResult, check_scales, full_pass, needs_windows, quantize_block_, smoothing_targets
 from .storage import to_storage_dtype_
@@ -116,18 +116,21 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
     write_card(tmp, recipe.push.repo_id)
 
 
-def resolve_rotate(model, recipe: Recipe, scales: CalibrationStats | None = None) -> tuple[Recipe, str | None]:
-    """`recipe` with `quantization.rotate: auto` decided for `model` (llmq/rotate.py `auto_rotate`), and why
-    (None when the recipe said true or false)."""
-    from dataclasses import replace
+def given_scales(recipe: Recipe, scales: CalibrationStats | None) -> CalibrationStats | None:
+    """`scales`, else the recipe's --act-scales file where the run reads calibration text, else None."""
+    if scales is None and recipe.calibration.act_scales and needs_windows(recipe):
+        return load_act_scales(recipe.calibration.act_scales)
+    return scales
 
-    from .rotate import auto_rotate
+
+def resolve_rotate(model, recipe: Recipe, scales: CalibrationStats | None) -> tuple[Recipe, str | None]:
+    """`recipe` with `quantization.rotate: auto` decided for `model` (llmq/rotate.py `auto_rotate`) and the
+    --act-scales `scales`, and why (None when the recipe said true or false)."""
+    from dataclasses import replace
 
     q = recipe.quantization
     if q.rotate != "auto":
         return recipe, None
-    if scales is None and recipe.calibration.act_scales and needs_windows(recipe):
-        scales = load_act_scales(recipe.calibration.act_scales)
     on, why = auto_rotate(model, recipe, scales)
     log.info("rotate auto: %s (%s)", "on" if on else "off", why)
     return replace(recipe, quantization=replace(q, rotate=on)), why
@@ -138,13 +141,13 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
                     progress: bool = True) -> tuple[Report, CalibrationStats | None]:
     """Smooth (smoothquant, weight-only) and replace the linears with Int8 modules, in place; see `_quantize_`.
     Returns the report's quantization fields and the calibration statistics to save (None without).
-    `quantization.rotate: auto` means off here (no guard to check it), unless `scales` were rotated."""
-    check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
-    if recipe.quantization.rotate == "auto":
-        from dataclasses import replace
+    `quantization.rotate: auto` means off here (no guard to check it), unless the --act-scales were rotated."""
+    from dataclasses import replace
 
-        rotate = scales is not None and scales.rotated
-        recipe = replace(recipe, quantization=replace(recipe.quantization, rotate=rotate))
+    check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
+    scales = given_scales(recipe, scales)
+    rotate = unguarded_rotate(recipe.quantization.rotate, scales)
+    recipe = replace(recipe, quantization=replace(recipe.quantization, rotate=rotate))
     report, stats, _ = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     return report, stats
 
@@ -158,8 +161,6 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
     stage's BlockResult."""
     q, cal = recipe.quantization, recipe.calibration
     targets = smoothing_targets(model, recipe)
-    if targets and scales is None and cal.act_scales:
-        scales = load_act_scales(cal.act_scales)
     check_rotated(scales, recipe)
     rotation = rotate_(model) if q.rotate else None  # before calibration; module names and shapes do not change
     check_scales(scales, targets, cal.act_scales)
@@ -251,6 +252,7 @@ def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = No
     in place, then the end-to-end checks on held-out windows (the guard of auto alpha, --max-kl). Returns
     (the model to ship: `model` or a rival the guard chose, its report fields, its statistics to save)."""
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)  # once, not per rival
+    scales = given_scales(recipe, scales)
     recipe, why = resolve_rotate(model, recipe, scales)
     windows, held = calibration_split(tokenizer, recipe, text)
     built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)

@@ -39,6 +39,7 @@ from .load import (
 from .memory import PeakMemory, trim_heap
 from .quantize import bnb_quantization_config, check_finite_weights, check_skip_matches, linear_names, replace_linears_
 from .report import QuantizeInfo, Report
+from .rotate import unguarded_rotate
 from .run import block_report, calibration_split, finish_output, preflight, saved_stats, stamp_
 from .save import atomic_dir
 from .stage import check_scales, full_pass, needs_windows, smoothing_targets
@@ -222,7 +223,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
 
     q, cal = recipe.quantization, recipe.calibration
     inputs = preflight(recipe, out, overwrite)
-    if q.rotate is True or (q.rotate == "auto" and inputs.scales is not None and inputs.scales.rotated):
+    if unguarded_rotate(q.rotate, inputs.scales):
         raise ConfigError("--rotate needs the whole model in memory (it rotates the embedding, every layer and "
                           "lm_head together); sequential mode cannot run it: drop --rotate (or --act-scales "
                           "measured with it) or --sequential")

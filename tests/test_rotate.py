@@ -132,6 +132,15 @@ def test_act_scales_remember_whether_they_were_rotated(tmp_path):
     with pytest.raises(ConfigError, match="measured with --rotate and this run is without it"):
         run(unrotated, tmp_path / "q2", progress=False)
     assert not (tmp_path / "q2").exists()
+    from llmq.load import load
+    from llmq.run import quantize_model_
+
+    model, tok = load(str(src), dtype="float32", device="cpu")  # the library's unguarded path, rotate: auto
+    follows = Recipe.from_dict({"model": str(src), "smoothing": {"alpha": 0.5},
+                                "calibration": {"source": str(tmp_path / "cal.txt"), "samples": 4, "seq_len": 32,
+                                                "act_scales": str(scales)}})
+    report, _ = quantize_model_(model, tok, follows, progress=False)
+    assert report.rotation is not None  # auto follows the basis of the recipe's --act-scales file
 
 
 def test_rotated_checkpoint_reloads_in_stock_transformers(tmp_path):
