@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedArchitecture
-from .quantize import check_finite_weights, nonfinite_weight
+from .quantize import FP16_MAX, check_finite_weights, nonfinite_weight
 from .smooth import smooth_targets
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def auto_rotate(model: nn.Module, recipe, scales=None) -> tuple[bool, str]:
     `--alpha auto` and its guard (which then also quantizes the unrotated model and ships whichever has the
     lower held-out KL, llmq/guard.py), a family the rotation folds into, an lm_head of its own (a tied one
     would be untied: vocab x hidden more 16-bit parameters, which only `--rotate` asks for), every weight
-    resident, weights not float16 (the folded norms could overflow it). With --act-scales it follows what
-    they were measured on. Measured (docs/benchmarks.md, "Rotation"): guard held-out KL -32% on SmolLM2,
+    resident, and in float16 only where the folded weights provably fit it (rotated_bound). With --act-scales
+    it follows what they were measured on. Measured (docs/benchmarks.md, "Rotation"): guard held-out KL -32% on SmolLM2,
     -44% on Qwen2.5."""
     q, sm = recipe.quantization, recipe.smoothing
     if scales is not None:
@@ -131,9 +131,14 @@ def auto_rotate(model: nn.Module, recipe, scales=None) -> tuple[bool, str]:
                        "parameters); --rotate asks for that")
     if any(p.device.type == "meta" for p in model.parameters()):
         return False, "some weights are offloaded"
+    why = "untied lm_head, so no extra bytes; the guard compares it with the unrotated model"
     if emb.weight.dtype == torch.float16:  # each norm's multipliers fold into the weights: they can pass 65504
-        return False, "float16 weights could overflow where the norms fold into them (not checked yet)"
-    return True, "untied lm_head, so no extra bytes; the guard compares it with the unrotated model"
+        bound, name = rotated_bound(model)
+        if not bound <= FP16_MAX:
+            return False, (f"float16 could overflow where the norms fold into the weights (bound {bound:.3g} "
+                           f"in {name}, above 65504)")
+        why += f"; float16 cannot overflow (every rotated weight <= {bound:.3g})"
+    return True, why
 
 
 def unguarded_rotate(rotate: bool | str, scales=None) -> bool:
@@ -161,14 +166,54 @@ def _rotate_out_(lin: nn.Linear, q: torch.Tensor) -> None:
         lin.bias.copy_((lin.bias.double() @ qd).to(lin.bias.dtype))
 
 
-def _take_norm(norm: nn.Module, kind: str) -> torch.Tensor:
-    """The norm's per-channel multipliers (float64), which it then stops applying (w = 1, Gemma w = 0)."""
+def _multipliers(norm: nn.Module, kind: str) -> torch.Tensor:
+    """The norm's per-channel multipliers, float64 (w, or Gemma's 1 + w)."""
     if getattr(norm, "bias", None) is not None:
         raise UnsupportedArchitecture(f"{type(norm).__name__} has a bias; --rotate needs bias-free RMSNorms")
-    gemma = kind == "gemma_norm"
-    m = norm.weight.detach().double() + (1.0 if gemma else 0.0)
-    norm.weight.fill_(0.0 if gemma else 1.0)
+    return norm.weight.detach().double() + (1.0 if kind == "gemma_norm" else 0.0)
+
+
+def _take_norm(norm: nn.Module, kind: str) -> torch.Tensor:
+    """The norm's multipliers, which it then stops applying (w = 1, Gemma w = 0)."""
+    m = _multipliers(norm, kind)
+    norm.weight.fill_(0.0 if kind == "gemma_norm" else 1.0)
     return m
+
+
+def _norms(w: torch.Tensor, dim: int, m: torch.Tensor | None = None) -> float:
+    """The largest 2-norm of w's rows (dim=1) or columns (dim=0), w's columns scaled by m first; in chunks."""
+    n = w.shape[1 - dim]
+    best = 0.0
+    for i in range(0, n, _CHUNK):
+        x = (w[i:i + _CHUNK] if dim == 1 else w[:, i:i + _CHUNK]).double()
+        if m is not None:
+            x = x * m.to(w.device)
+        best = max(best, x.norm(dim=dim).max().item())
+    return best
+
+
+@torch.no_grad()
+def rotated_bound(model: nn.Module) -> tuple[float, str]:
+    """(b, name): every entry rotate_ would write has |entry| <= b, reached at most in `name`. Q is orthogonal,
+    so each entry of (W diag(m)) Q is at most the 2-norm of its row of W diag(m), each of Q^T W at most its
+    column's, each of b Q at most |b|; the embedding's rows keep their norms. Costs one read of the weights."""
+    check_rotatable(model.config.model_type)
+    seen: list[tuple[float, str]] = []
+    targets = smooth_targets(model)
+    for t in targets:
+        if t.group in ("attn", "mlp"):
+            m = _multipliers(model.get_submodule(t.prev_name), t.prev_kind)
+            seen += [(_norms(model.get_submodule(n).weight, 1, m), n) for n in t.linear_names]
+        else:  # v_o, up_down: o_proj, down_proj write the stream
+            for n in t.linear_names:
+                lin = model.get_submodule(n)
+                seen.append((_norms(lin.weight, 0), n))
+                if lin.bias is not None:
+                    seen.append((lin.bias.double().norm().item(), f"{n}.bias"))
+    final = _multipliers(model.get_decoder().norm, next(t.prev_kind for t in targets if t.group == "attn"))
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    seen += [(_norms(head.weight, 1, final), "lm_head"), (_norms(emb.weight, 1), "the embedding")]
+    return max(seen)
 
 
 @torch.no_grad()

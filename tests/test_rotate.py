@@ -12,7 +12,7 @@ from conftest import tiny_llama, tiny_text, tiny_tokenizer
 from test_smooth import CASES, _build, _logits
 
 from llmq.errors import UnsupportedArchitecture
-from llmq.rotate import ROTATABLE, hadamard, rotate_, rotation
+from llmq.rotate import ROTATABLE, hadamard, rotate_, rotated_bound, rotation
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 28, 36, 64, 576, 640, 896, 1536, 2560, 3584, 4096])
@@ -38,8 +38,13 @@ def test_rotation_leaves_float_logits_unchanged(case, tied):
     head.weight = emb.weight if tied else torch.nn.Parameter(head.weight.detach().clone())
     model.config.tie_word_embeddings = tied
     ref = _logits(model)
+    bound, _ = rotated_bound(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     info = rotate_(model)
     assert (_logits(model) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    rotated = [p.abs().max().item() for n, p in model.named_parameters()
+               if "norm" not in n and not torch.equal(p, before.get(n, p + 1))]  # (an untied lm_head is new)
+    assert len(rotated) > 4 and max(rotated) <= bound * (1 + 1e-6)  # what auto's float16 check relies on
     assert info["untied_lm_head_params"] == (emb.weight.numel() if tied else 0)
     assert model.get_output_embeddings().weight.data_ptr() != emb.weight.data_ptr()
     gemma = case == "gemma"
@@ -193,20 +198,27 @@ def test_auto_rotates_only_where_it_is_free_and_guarded():
     assert Recipe().quantization.rotate == "auto"
     assert _auto() == (True, "untied lm_head, so no extra bytes; the guard compares it with the unrotated model")
     assert _auto(quantization={"method": "weight-only"})[0]
+    big = tiny_llama().half()
+    with torch.no_grad():  # the final norm's multipliers fold into lm_head: rows of 2-norm above 65504
+        big.model.norm.weight.fill_(3e4)
+        big.lm_head.weight.mul_(20)
     off = {
         "tied": _auto(tied=True),
         "llm-int8": _auto(quantization={"method": "llm-int8"}),
         "fixed alpha": _auto(smoothing={"alpha": 0.5}),
         "no guard": _auto(smoothing={"guard_windows": 0}),
         "gpt2": _auto("gpt2"),
-        "float16": auto_rotate(tiny_llama().half(), Recipe()),
+        "float16 overflow": auto_rotate(big, Recipe()),
     }
     assert not any(on for on, _ in off.values())
     assert "tied to the embedding" in off["tied"][1] and "--rotate asks" in off["tied"][1]
     assert "not measured with llm-int8" in off["llm-int8"][1]
     assert "--alpha auto and its guard" in off["fixed alpha"][1] == off["no guard"][1]
     assert "gpt2 has no exact fold" in off["gpt2"][1]
-    assert "float16 weights could overflow" in off["float16"][1]
+    over = off["float16 overflow"][1]
+    assert "float16 could overflow" in over and "in lm_head, above 65504" in over
+    half = auto_rotate(tiny_llama().half(), Recipe())  # the folded weights provably fit float16
+    assert half[0] and "float16 cannot overflow" in half[1]
     for rotated in (True, False):  # --act-scales decide: the maxima belong to one basis
         got = auto_rotate(tiny_llama(tie_word_embeddings=True), Recipe(), CalibrationStats({}, rotated=rotated))
         assert got[0] is rotated and "--act-scales were measured" in got[1]
