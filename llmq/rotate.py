@@ -112,8 +112,8 @@ def auto_rotate(model: nn.Module, recipe, scales=None) -> tuple[bool, str]:
     lower held-out KL, llmq/guard.py), a family the rotation folds into, an lm_head of its own (a tied one
     would be untied: vocab x hidden more 16-bit parameters, which only `--rotate` asks for), every weight
     resident, and in float16 only where the folded weights provably fit it (rotated_bound). With --act-scales
-    it follows what they were measured on. Measured (docs/benchmarks.md, "Rotation"): guard held-out KL -32% on SmolLM2,
-    -44% on Qwen2.5."""
+    it follows what they were measured on. Measured (docs/benchmarks.md, "Rotation"): guard held-out KL -32%
+    on SmolLM2, -44% on Qwen2.5."""
     q, sm = recipe.quantization, recipe.smoothing
     if scales is not None:
         return scales.rotated, f"--act-scales were measured {'with' if scales.rotated else 'without'} a rotation"
