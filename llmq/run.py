@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -126,8 +126,6 @@ def given_scales(recipe: Recipe, scales: CalibrationStats | None) -> Calibration
 def resolve_rotate(model, recipe: Recipe, scales: CalibrationStats | None) -> tuple[Recipe, str | None]:
     """`recipe` with `quantization.rotate: auto` decided for `model` (llmq/rotate.py `auto_rotate`) and the
     --act-scales `scales`, and why (None when the recipe said true or false)."""
-    from dataclasses import replace
-
     q = recipe.quantization
     if q.rotate != "auto":
         return recipe, None
@@ -142,8 +140,6 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
     """Smooth (smoothquant, weight-only) and replace the linears with Int8 modules, in place; see `_quantize_`.
     Returns the report's quantization fields and the calibration statistics to save (None without).
     `quantization.rotate: auto` means off here (no guard to check it), unless the --act-scales were rotated."""
-    from dataclasses import replace
-
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
     scales = given_scales(recipe, scales)
     rotate = unguarded_rotate(recipe.quantization.rotate, scales)
@@ -195,8 +191,6 @@ def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torc
     `smoothing.guard_windows` more are drawn from the same text and held out (None when not guarding)."""
     if not needs_windows(recipe):
         return None, None
-    from dataclasses import replace
-
     from .guard import split_windows
 
     sm = recipe.smoothing
