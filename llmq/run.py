@@ -57,7 +57,7 @@ def preflight(recipe: Recipe, out: str | Path, overwrite: bool, evaluate: bool =
     dest = check_output(out, overwrite)
     cal = recipe.calibration
     text = load_text(cal.source, "calibration") if needs_windows(recipe) else None
-    scales = load_act_scales(cal.act_scales) if needs_windows(recipe) and cal.act_scales else None
+    scales = given_scales(recipe, None)
     check_rotated(scales, recipe)
     if evaluate:
         load_text(recipe.evaluation.data, "evaluation")  # a bad eval source fails now, not after quantizing
