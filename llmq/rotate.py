@@ -192,6 +192,29 @@ def _norms(w: torch.Tensor, dim: int, m: torch.Tensor | None = None) -> float:
     return best
 
 
+def _stream(model: nn.Module):
+    """The residual stream's readers and writers, one smoothing group at a time over every layer: (norm, its
+    kind, linear names) for a group that reads the stream through a norm (attn, mlp: q/k/v, gate/up), and
+    (None, None, names) for one that writes it (v_o, up_down: o_proj, down_proj). rotate_ and rotated_bound
+    walk the same list."""
+    targets = smooth_targets(model)
+    if {t.group for t in targets} != {"attn", "v_o", "mlp", "up_down"} or len(targets) != 4 * len(
+            model.get_decoder().layers):  # a layer left out would be a silently different model
+        raise UnsupportedArchitecture(f"{model.config.model_type}: --rotate needs the attn, v_o, mlp and "
+                                      "up_down groups of llmq/arch.py in every layer; drop --rotate")
+    for t in targets:
+        if t.group in ("attn", "mlp"):
+            yield model.get_submodule(t.prev_name), t.prev_kind, t.linear_names
+        else:
+            yield None, None, t.linear_names
+
+
+def _final_norm(model: nn.Module) -> tuple[nn.Module, str]:
+    """The decoder's final norm and its kind (that of the layers' norms), which folds into lm_head."""
+    kind = next(k for norm, k, _ in _stream(model) if norm is not None)
+    return model.get_decoder().norm, kind
+
+
 @torch.no_grad()
 def rotated_bound(model: nn.Module) -> tuple[float, str]:
     """(b, name): every entry rotate_ would write has |entry| <= b, reached at most in `name`. Q is orthogonal,
@@ -199,20 +222,20 @@ def rotated_bound(model: nn.Module) -> tuple[float, str]:
     column's, each of b Q at most |b|; the embedding's rows keep their norms. Costs one read of the weights."""
     check_rotatable(model.config.model_type)
     seen: list[tuple[float, str]] = []
-    targets = smooth_targets(model)
-    for t in targets:
-        if t.group in ("attn", "mlp"):
-            m = _multipliers(model.get_submodule(t.prev_name), t.prev_kind)
-            seen += [(_norms(model.get_submodule(n).weight, 1, m), n) for n in t.linear_names]
-        else:  # v_o, up_down: o_proj, down_proj write the stream
-            for n in t.linear_names:
-                lin = model.get_submodule(n)
-                seen.append((_norms(lin.weight, 0), n))
-                if lin.bias is not None:
-                    seen.append((lin.bias.double().norm().item(), f"{n}.bias"))
-    final = _multipliers(model.get_decoder().norm, next(t.prev_kind for t in targets if t.group == "attn"))
+    for norm, kind, names in _stream(model):
+        m = None if norm is None else _multipliers(norm, kind)
+        for n in names:
+            lin = model.get_submodule(n)
+            if norm is not None:  # a reader: rows of W diag(m)
+                seen.append((_norms(lin.weight, 1, m), n))
+                continue
+            seen.append((_norms(lin.weight, 0), n))  # a writer: columns of W, and its bias
+            if lin.bias is not None:
+                seen.append((lin.bias.double().norm().item(), f"{n}.bias"))
+    final, kind = _final_norm(model)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    seen += [(_norms(head.weight, 1, final), "lm_head"), (_norms(emb.weight, 1), "the embedding")]
+    seen += [(_norms(head.weight, 1, _multipliers(final, kind)), "lm_head"),
+             (_norms(emb.weight, 1), "the embedding")]
     return max(seen)
 
 
@@ -226,17 +249,15 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     cfg = model.config.get_text_config()
     n = cfg.hidden_size
     q, kind = rotation(n, seed)
-    targets = {(t.key.rsplit(".", 1)[0], t.group): t for t in smooth_targets(model)}
-    layers = sorted({base for base, _ in targets}, key=lambda b: int(b.rsplit(".", 1)[1]))
-    for base in layers:
-        for group in ("attn", "mlp"):
-            t = targets[(base, group)]
-            m = _take_norm(model.get_submodule(t.prev_name), t.prev_kind)
-            for name in t.linear_names:
-                _rotate_in_(model.get_submodule(name).weight, q, m)
-        for group in ("v_o", "up_down"):
-            for name in targets[(base, group)].linear_names:
+    final, final_kind = _final_norm(model)
+    for norm, norm_kind, names in _stream(model):
+        if norm is None:
+            for name in names:
                 _rotate_out_(model.get_submodule(name), q)
+            continue
+        m = _take_norm(norm, norm_kind)
+        for name in names:
+            _rotate_in_(model.get_submodule(name).weight, q, m)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     untied = 0
     if head.weight.data_ptr() == emb.weight.data_ptr():
@@ -246,13 +267,13 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
         cfg.tie_word_embeddings = False
         log.info("rotate: lm_head untied from the embedding (the final norm folds into it): +%.1fM parameters "
                  "(+%.1f MB at 16-bit)", untied / 1e6, untied * 2 / 1e6)
-    final_kind = targets[(layers[-1], "attn")].prev_kind  # the final norm is of the layers' kind
-    _rotate_in_(head.weight, q, _take_norm(model.get_decoder().norm, final_kind))
+    _rotate_in_(head.weight, q, _take_norm(final, final_kind))
     _rotate_in_(emb.weight, q)
     name = nonfinite_weight(model)
     if name is not None:
         dtype = str(model.get_parameter(name).dtype).removeprefix("torch.")
         raise ConfigError(f"rotating the residual stream overflowed {dtype} in {name} (weights or norm "
                           "multipliers near the dtype's limit); quantize with --no-rotate")
-    log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix", len(layers), n, n, kind)
+    log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix",
+             len(model.get_decoder().layers), n, n, kind)
     return {"kind": kind, "size": n, "seed": seed, "untied_lm_head_params": untied}

@@ -61,6 +61,18 @@ def test_families_without_an_exact_fold_are_refused(case):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_layer_missing_from_the_table_is_refused_not_half_rotated(monkeypatch):
+    import llmq.rotate as rot
+
+    model, _ = _build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    full = rot.smooth_targets
+    monkeypatch.setattr(rot, "smooth_targets", lambda m: [t for t in full(m) if t.key != "model.layers.1.v_o"])
+    with pytest.raises(UnsupportedArchitecture, match="in every layer"):
+        rotate_(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def _stream_readers_error(model, ids) -> float:
     """Mean relative W8A8 error (bitsandbytes' scheme: per-token activations, per-row weights) of the outputs
     of the linears that read the residual stream (q/k/v, gate/up), on their real inputs."""
