@@ -50,7 +50,10 @@ def describe(r: dict[str, Any]) -> str:
     qz = rec["quantization"]
     method = qz["method"]
     skip = [s for s in qz.get("skip", []) if s != "lm_head"]
-    extra = "".join([", residual stream rotated" if qz.get("rotate") else "",
+    # what the run did (rows measured before it was recorded: the recipe, where `rotate: auto` says nothing)
+    rotated = bool(q["rotation"]) if "rotation" in q else qz.get("rotate") is True
+    unknown = "rotation" not in q and qz.get("rotate") == "auto"
+    extra = "".join([", residual stream rotated" if rotated else ", rotate auto" if unknown else "",
                      f", {', '.join(skip)} kept in 16-bit" if skip else "",
                      ", round-to-nearest weights" if qz.get("gptq") is False else ""])
     if method == "weight-only":  # the report has no alpha when nothing was rescaled

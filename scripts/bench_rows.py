@@ -257,7 +257,7 @@ def row_llmq(row: dict, cfg: BenchConfig, model_id: str, work: Path, progress: b
         save_stats(stats, stats_path(work, cfg.calibration, sm.groups, sm.auto_tokens))
     alphas = report.alphas or {}
     out["quantize"] = {**q, "alpha": report.alpha, "threshold": report.threshold, "guard": report.guard,
-                       "storage": report.storage,
+                       "storage": report.storage, "rotation": report.rotation,  # None: not rotated (auto decides)
                        "mean_alpha": statistics.mean(alphas.values()) if alphas else None, "alphas": alphas}
     fp, _ = load(model_id, dtype="float32", device=recipe.device)
     out["fp_calibration_forward"] = fp_calibration_forward(fp, cal_windows, cfg.timing.calib_forward_windows)

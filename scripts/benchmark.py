@@ -98,6 +98,7 @@ def drive(cfg, args: argparse.Namespace, model_id: str, command: str) -> dict[st
     work = Path(args.work_dir) / slug(model_id)
     work.mkdir(parents=True, exist_ok=True)
     (work / "command.txt").write_text(command + "\n", encoding="utf-8")  # --report-only quotes it
+    write_json(work / "machine.json", machine())  # and describes the machine the rows ran on, not its own
     todo = plan(cfg, args, model_id, work)
     for i, (row, run) in enumerate(todo, 1):
         path = work / f"{row['name']}.json"
@@ -209,9 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.report_only:
             results = collect(cfg, work, model_id)
             ran = (work / "command.txt").read_text().strip() if (work / "command.txt").is_file() else command
+            where = work / "machine.json"
+            host = json.loads(where.read_text(encoding="utf-8")) if where.is_file() else machine()
         else:
-            results, ran = drive(cfg, args, model_id, command), command
-        paths = bench_report.write(results, cfg, model_id, slug(model_id), Path(args.out_dir), machine(), ran)
+            results, ran, host = drive(cfg, args, model_id, command), command, machine()
+        paths = bench_report.write(results, cfg, model_id, slug(model_id), Path(args.out_dir), host, ran)
         print("wrote " + ", ".join(str(p) for p in paths))
         everything = {r["name"] for r in row_list(cfg)} <= set(results)
         if everything and not args.keep_logits and not args.report_only:  # 4 GB per text; checkpoints stay

