@@ -192,7 +192,7 @@ def _norms(w: torch.Tensor, dim: int, m: torch.Tensor | None = None) -> float:
     return best
 
 
-def _stream(model: nn.Module):
+def _stream(model: nn.Module) -> list[tuple[nn.Module | None, str | None, tuple[str, ...]]]:
     """The residual stream's readers and writers, one smoothing group at a time over every layer: (norm, its
     kind, linear names) for a group that reads the stream through a norm (attn, mlp: q/k/v, gate/up), and
     (None, None, names) for one that writes it (v_o, up_down: o_proj, down_proj). rotate_ and rotated_bound
@@ -202,16 +202,14 @@ def _stream(model: nn.Module):
             model.get_decoder().layers):  # a layer left out would be a silently different model
         raise UnsupportedArchitecture(f"{model.config.model_type}: --rotate needs the attn, v_o, mlp and "
                                       "up_down groups of llmq/arch.py in every layer; drop --rotate")
-    for t in targets:
-        if t.group in ("attn", "mlp"):
-            yield model.get_submodule(t.prev_name), t.prev_kind, t.linear_names
-        else:
-            yield None, None, t.linear_names
+    return [(model.get_submodule(t.prev_name), t.prev_kind, t.linear_names) if t.group in ("attn", "mlp")
+            else (None, None, t.linear_names) for t in targets]
 
 
-def _final_norm(model: nn.Module) -> tuple[nn.Module, str]:
-    """The decoder's final norm and its kind (that of the layers' norms), which folds into lm_head."""
-    kind = next(k for norm, k, _ in _stream(model) if norm is not None)
+def _final_norm(model: nn.Module, stream: list) -> tuple[nn.Module, str]:
+    """The decoder's final norm and its kind (that of the layers' norms, read off `stream`), which folds into
+    lm_head."""
+    kind = next(k for norm, k, _ in stream if norm is not None)
     return model.get_decoder().norm, kind
 
 
@@ -222,7 +220,8 @@ def rotated_bound(model: nn.Module) -> tuple[float, str]:
     column's, each of b Q at most |b|; the embedding's rows keep their norms. Costs one read of the weights."""
     check_rotatable(model.config.model_type)
     seen: list[tuple[float, str]] = []
-    for norm, kind, names in _stream(model):
+    stream = _stream(model)
+    for norm, kind, names in stream:
         m = None if norm is None else _multipliers(norm, kind)
         for n in names:
             lin = model.get_submodule(n)
@@ -232,7 +231,7 @@ def rotated_bound(model: nn.Module) -> tuple[float, str]:
             seen.append((_norms(lin.weight, 0), n))  # a writer: columns of W, and its bias
             if lin.bias is not None:
                 seen.append((lin.bias.double().norm().item(), f"{n}.bias"))
-    final, kind = _final_norm(model)
+    final, kind = _final_norm(model, stream)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     seen += [(_norms(head.weight, 1, _multipliers(final, kind)), "lm_head"),
              (_norms(emb.weight, 1), "the embedding")]
@@ -249,8 +248,9 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
     cfg = model.config.get_text_config()
     n = cfg.hidden_size
     q, kind = rotation(n, seed)
-    final, final_kind = _final_norm(model)
-    for norm, norm_kind, names in _stream(model):
+    stream = _stream(model)
+    final, final_kind = _final_norm(model, stream)
+    for norm, norm_kind, names in stream:
         if norm is None:
             for name in names:
                 _rotate_out_(model.get_submodule(name), q)

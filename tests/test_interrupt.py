@@ -71,11 +71,17 @@ class Llmq:
                 return
 
     def finish(self, timeout: float = 120) -> int:
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # then say what it had logged: did it take the signal (and hang after) or not at all?
+            code = None
         for t in self._threads:
             t.join(timeout=10)
         while (line := self._q.get_nowait() if not self._q.empty() else None) is not None:
             self.lines.append(line)
+        if code is None:
+            pytest.fail(f"llmq had not exited {timeout:g} s after the signal; its stderr:\n" + "\n".join(self.lines))
         return code
 
 
