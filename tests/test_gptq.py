@@ -89,6 +89,25 @@ def test_dead_input_channels_keep_their_rtn_value_and_pass_no_error():
     assert _out_err(X, W, CB, SCB) < _out_err(X, W, *rtn_weight(W))
 
 
+@pytest.mark.parametrize("sub", [1, 8, 13])
+def test_two_level_sweep_is_the_one_level_sweep_up_to_rounding(sub):
+    """Sub-blocking the column sweep only reorders sums: the same int8 values except where a reordered sum
+    crosses a rounding boundary, and the same Hessian error."""
+    from llmq.gptq import _inverse_cholesky, _sweep
+
+    X, W = _data(d_in=300, d_out=64)
+    H = X.T @ X
+    U = _inverse_cholesky(H, 0.01)
+    scale = W.abs().amax(1)
+    one = _sweep(W, U, scale, block=128, sub=128)  # one level: every column updates the rest of its block
+    two = _sweep(W, U, scale, block=128, sub=sub)
+    assert (one != two).float().mean() <= 1e-3 and (one - two).abs().max() <= 2
+    err = [hessian_error(W, q * scale.view(-1, 1) / 127, H).sum() for q in (one, two)]
+    assert abs(err[1] / err[0] - 1) <= 1e-3
+    # and the blocking is not a no-op: the sweep is GPTQ, not round-to-nearest
+    assert (one != torch.round(W * 127 / scale.view(-1, 1))).any()
+
+
 def test_gptq_is_deterministic_and_survives_singular_hessians():
     X, W = _data(n=16)  # 16 rows for 96 inputs: H is rank-deficient, needs the damping
     H = X.T @ X
