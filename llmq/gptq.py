@@ -173,13 +173,12 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, su
         Err = torch.zeros_like(W1)
         for k1 in range(0, i2 - i1, sub):
             k2 = min(k1 + sub, i2 - i1)
-            W2 = W1[:, k1:k2]  # a view: the rank-1 updates below land in W1
             for j in range(k1, k2):
                 w = W1[:, j:j + 1]
                 q = torch.round(w * inv).clamp_(-127, 127)
                 Q[:, i1 + j:i1 + j + 1] = q
                 e = (w - q * step) / U1[j, j]
-                W2[:, j - k1:] -= e @ U1[j:j + 1, j:k2]
+                W1[:, j:k2] -= e @ U1[j:j + 1, j:k2]
                 Err[:, j:j + 1] = e
             W1[:, k2:] -= Err[:, k1:k2] @ U1[k1:k2, k2:]
         W[:, i2:] -= Err @ U[i1:i2, i2:]

@@ -53,8 +53,7 @@ def bench(folder: Path) -> dict[str, Any] | None:
                      "perplexity_ratio": r["perplexity_ratio"], "kl": r["kl"], "top1": r["top1"],
                      "weights_mib": r["weight_memory_bytes"] / MIB,
                      # scripts/bench_report.py names it process_*: the FP32 reference stays resident beside the row
-                     "eval_peak_vram_mib": (ev.get("process_peak_memory_bytes") or ev.get("peak_memory_bytes")
-                                            or 0) / MIB,
+                     "eval_peak_vram_mib": (ev.get("process_peak_memory_bytes") or 0) / MIB,
                      "eval_peak_reserved_mib": (ev.get("peak_reserved_bytes") or 0) / MIB,
                      "memory_kind": ev.get("peak_memory_kind"), "prefill_tokens_per_s": r["eval_tokens_per_s"],
                      "prefill_ratio_to_fp32": r["ratio_to_fp32"]})

@@ -9,6 +9,7 @@ they show where the error comes from (docs/benchmarks.md: down_proj, on every mo
 """
 
 import argparse
+import copy
 
 import torch
 
@@ -30,8 +31,8 @@ def main() -> None:
     linears = [n for n, x in fp.named_modules() if isinstance(x, torch.nn.Linear) and n != "lm_head"]
     types = sorted({n.rsplit(".", 1)[-1] for n in linears})
     mode = SimMode("none" if a.weight_only else "token", "channel")
-    base = {k: v.clone() for k, v in fp.state_dict().items()}
-    m, _ = load(a.model, dtype="float32")
+    m = copy.deepcopy(fp)  # the working copy; fp stays the reference
+    base = fp.state_dict()  # fp is never changed: each row restores m from it
     for t in [*types, "all"]:
         m.load_state_dict(base)
         handles = simulate_(m, mode, [n for n in linears if t == "all" or n.endswith("." + t)])

@@ -398,20 +398,6 @@ def test_real_smollm2_logits_unchanged(smol_folder):
     assert diff <= 1e-4 * ref.abs().max().item()
 
 
-def _gemma_with_trained_norms():
-    from transformers import AutoModelForCausalLM, GemmaConfig
-
-    cfg = GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("layernorm.weight"):
-                p.normal_(0.0, 0.1)  # trained Gemma norms are not w = 0
-    return m
-
-
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                          reason="needs CUDA")])
 
@@ -423,9 +409,10 @@ def test_gemma_norm_smoothing_in_float16_whole_model(device: str, alpha: float, 
     """A float16 Gemma smoothed with outlier channels (s up to ~3000^alpha): per channel, the stored norm
     multiplier (1 + w') times the scale its consumers' columns were actually multiplied by (read off the
     weights) equals the original 1 + w to float16 rounding, and the logits stay as close to float32's as
-    the unsmoothed float16 model's. (Measured against the planned s instead of the applied s', the 3000
-    outlier channels lost 6-61%: s' differs from s where (1 + w) / s is below float16's resolution.)"""
-    fp32 = _gemma_with_trained_norms().to(device)
+    the unsmoothed float16 model's. (Measured against the planned s instead of the applied s', the first
+    GPU run's check found the 3000-outlier channels 6-61% off: s' differs from s where (1 + w) / s is below
+    float16's resolution.)"""
+    fp32 = _build("gemma")[0].to(device)  # trained-like norms: w != 0
     m = copy.deepcopy(fp32).half()
     g = torch.Generator().manual_seed(1)
     acts = {}
@@ -438,7 +425,7 @@ def test_gemma_norm_smoothing_in_float16_whole_model(device: str, alpha: float, 
     assert targets
     before = {t.key: (m.get_submodule(t.prev_name).weight.detach().float().clone(),
                       m.get_submodule(t.linear_names[0]).weight.detach().float().clone()) for t in targets}
-    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, V - 4, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         ref = fp32(ids).logits.float()
         base_err = (m(ids).logits.float() - ref).abs().max().item()
