@@ -76,6 +76,36 @@ ARCHS: dict[str, Arch] = {
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
     "gemma3": _llama_like("model.language_model.layers", "gemma_norm", "pre_feedforward_layernorm"),
+    "smollm3": _llama_like(),
+    "granite": _llama_like(),  # its scalar multipliers (embedding, residual, logits) commute with smoothing
+    "helium": _llama_like(),
+    "glm": Arch("model.layers", (  # q/k/v apart, MLP fused [gate|up] as in phi3
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("mlp", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+        Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
+    ), 0.8),
+    "stablelm": Arch("model.layers", (  # LayerNorm (weight and bias); parallel: one norm feeds attn and MLP
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              when=(("use_parallel_residual", False),)),
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                          "mlp.gate_proj", "mlp.up_proj"), when=(("use_parallel_residual", True),)),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"),
+              when=(("use_parallel_residual", False),)),
+        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+    )),
+    "cohere": Arch("model.layers", (  # parallel: one LayerNorm (no bias) feeds attention and the MLP
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                          "mlp.gate_proj", "mlp.up_proj")),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+    )),
+    "starcoder2": Arch("model.layers", (  # LayerNorm with bias; ungated MLP c_fc -> gelu -> c_proj
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("mlp", "post_attention_layernorm", ("mlp.c_fc",)),
+    )),
     "phi3": Arch("model.layers", (
         Group("attn", "input_layernorm", ("self_attn.qkv_proj",)),
         Group("v_o", "self_attn.qkv_proj", ("self_attn.o_proj",), "linear", tail=True),

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round weights to nearest (bitsandbytes' own) instead of GPTQ's error-compensated rounding")
     q.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate the residual stream by a randomized Hadamard matrix folded into the weights "
-                        "before quantizing (QuaRot's R1; llama, mistral, qwen2, qwen3, phi3, gemma; unties a "
+                        "before quantizing (QuaRot's R1; pre-norm RMSNorm families: llama, qwen2/3, gemma...; unties a "
                         "tied lm_head; in-memory mode). Default auto: on where lm_head is untied (no extra "
                         "bytes) and --alpha auto's guard compares it with the unrotated model")
     q.add_argument("--max-kl", type=float, default=None, metavar="X",

@@ -89,21 +89,27 @@ def check_skip_matches(names: list[str], skip: tuple[str, ...]) -> None:
 def linear_names(model, skip: tuple[str, ...] = ()) -> list[str]:
     """The linears quantize_ converts: exact nn.Linear / Conv1D outside `skip`.
 
-    Raises UnsupportedArchitecture when that is none of them, or when nn.Linear subclasses (which stock
-    transformers would reload in float) hold more than 1 - MIN_CONVERTED of the linear weights; smaller
-    leftovers stay in float, with a warning."""
+    Raises UnsupportedArchitecture when that is none of them, or when what stock transformers would reload
+    in float holds more than 1 - MIN_CONVERTED of the linear weights: nn.Linear subclasses, and the 3-D
+    parameters of fused MoE experts (transformers 5 keeps Mixtral's or Qwen3-MoE's experts as one
+    [experts, out, in] tensor per projection, which no bitsandbytes Int8 module holds). Smaller leftovers stay
+    in float, with a warning."""
     from .arch import check_int8_supported
 
     check_int8_supported(getattr(getattr(model, "config", None), "model_type", None))
     names, done, left = [], 0, Counter()
     for n, m in model.named_modules():
-        if skipped(n, skip) or not _linear_like(m):
+        if skipped(n, skip):
             continue
         if _is_linear(m):
             names.append(n)
             done += m.weight.numel()
-        else:
+        elif _linear_like(m):
             left[type(m).__name__] += m.weight.numel()
+        elif not isinstance(m, (torch.nn.Embedding, torch.nn.modules.conv._ConvNd)):
+            for p in m.parameters(recurse=False):  # fused MoE experts: [experts, out, in] parameters
+                if p.ndim >= 3 and p.is_floating_point():
+                    left[f"{type(m).__name__}'s {p.ndim}-D weights"] += p.numel()
     total = done + sum(left.values())
     kinds = ", ".join(f"{k} ({v / total:.0%} of the linear weights)" for k, v in left.most_common())
     if total == 0:

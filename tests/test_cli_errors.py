@@ -138,7 +138,7 @@ def _readonly_dir(root: Path) -> Path:
 def build_inputs(root: Path) -> dict[str, str]:
     """Every input of the battery, under `root`; returns the `{name}` placeholders of `CASES`."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, BertConfig, BertModel, FalconConfig, GPTBigCodeConfig
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel, FalconConfig, GPTBigCodeConfig, MixtralConfig
 
     from llmq.assets import model_folder, model_gguf, wiki_text_path
 
@@ -183,6 +183,9 @@ def build_inputs(root: Path) -> dict[str, str]:
     model("falcon", AutoModelForCausalLM.from_config(FalconConfig(  # FalconLinear: no stock int8 reload
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, new_decoder_architecture=True,
         num_kv_heads=2, bos_token_id=1, eos_token_id=2)))
+    model("moe", AutoModelForCausalLM.from_config(MixtralConfig(  # experts are 3-D parameters, not linears
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)))
     model("bert", BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64, vocab_size=256)))
     p["noconfig"] = inp / "noconfig"
@@ -360,8 +363,12 @@ CASES = [
          "projections are FalconLinear", "keep this model in 16-bit"),
     Case("arch-falcon-plan", "plan {falcon} --method llm-int8", "projections are FalconLinear",
          "keep this model in 16-bit"),
+    Case("arch-moe-llm-int8", T.replace("{tiny}", "{moe}") + " --method llm-int8", "MixtralExperts's 3-D weights",
+         "keep this model in 16-bit"),
+    Case("arch-moe-plan", "plan {moe} --method weight-only", "MixtralExperts's 3-D weights",
+         "keep this model in 16-bit"),
     Case("rotate-family", T.replace("{tiny}", "{bigcode}") + " --method weight-only --rotate",
-         "--rotate supports gemma, llama", "drop --rotate"),
+         "--rotate supports gemma, glm", "drop --rotate"),
     Case("rotate-sequential", "quantize {broken} --rotate --sequential --out {out}",
          "sequential mode (--sequential given) never holds at once", "drop --rotate, or --sequential"),
     Case("weights-nan", T.replace("{tiny}", "{nan}"), "inf/nan in model.layers.1.mlp.down_proj.weight",

@@ -140,6 +140,27 @@ def test_linear_subclasses_left_out_are_an_error_or_a_warning(caplog):
         linear_names(tiny_llama(), ("lm_head", "model"))
 
 
+@pytest.mark.parametrize("family", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_fused_moe_experts_are_refused_not_left_in_float(family):
+    """transformers 5 keeps MoE experts as 3-D parameters, which neither llmq nor a stock bitsandbytes reload
+    can make int8: converting only attention and calling that int8 would be a silent near no-op."""
+    import transformers
+
+    from llmq.errors import UnsupportedArchitecture
+
+    cfg = getattr(transformers, family)(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        vocab_size=256, num_local_experts=4, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(UnsupportedArchitecture, match=r"only 8 linear layers \(\d+%.*Experts's 3-D weights"):
+        linear_names(model, ("lm_head",))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitecture):
+        quantize_(model, Quantization(method="weight-only"), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half converted
+
+
 def test_threshold_changes_output_on_outlier_column():
     """LLM.int8's threshold must act on CPU: an injected outlier column is computed in high precision."""
     from types import SimpleNamespace
