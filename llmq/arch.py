@@ -79,6 +79,30 @@ ARCHS: dict[str, Arch] = {
     "smollm3": _llama_like(),
     "granite": _llama_like(),  # its scalar multipliers (embedding, residual, logits) commute with smoothing
     "helium": _llama_like(),
+    "ernie4_5": _llama_like(),
+    "seed_oss": _llama_like(),
+    "glm4": Arch("model.layers", (  # glm's wiring plus post-norms on each sublayer's output (left untouched)
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("mlp", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+        Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
+    ), 0.8),
+    # no norm before the sublayers (OLMo 2/3, EXAONE 4 normalise outputs; OLMo's LayerNorm has no weights):
+    # only the linear -> linear pairs
+    **dict.fromkeys(("olmo", "olmo2", "olmo3", "exaone4"), Arch("model.layers", (
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ), 0.8)),
+    "arcee": Arch("model.layers", (  # ungated MLP up -> relu^2 -> down
+        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("mlp", "post_attention_layernorm", ("mlp.up_proj",)),
+    ), 0.8),
+    "apertus": Arch("model.layers", (  # ungated MLP up -> xIELU -> down
+        Group("attn", "attention_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("mlp", "feedforward_layernorm", ("mlp.up_proj",)),
+    ), 0.8),
     "glm": Arch("model.layers", (  # q/k/v apart, MLP fused [gate|up] as in phi3
         Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),

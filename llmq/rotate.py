@@ -30,7 +30,8 @@ from .smooth import smooth_targets
 
 log = logging.getLogger(__name__)
 
-ROTATABLE = ("gemma", "glm", "granite", "helium", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
+ROTATABLE = ("ernie4_5", "gemma", "glm", "granite", "helium", "llama", "mistral", "phi3", "qwen2", "qwen3", "seed_oss",
+             "smollm3")
 _CHUNK = 4096  # rows (or columns) of a weight rotated at once in float64
 
 

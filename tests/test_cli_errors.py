@@ -368,7 +368,7 @@ CASES = [
     Case("arch-moe-plan", "plan {moe} --method weight-only", "MixtralExperts's 3-D weights",
          "keep this model in 16-bit"),
     Case("rotate-family", T.replace("{tiny}", "{bigcode}") + " --method weight-only --rotate",
-         "--rotate supports gemma, glm", "drop --rotate"),
+         "not 'gpt_bigcode': the rotation folds", "drop --rotate"),
     Case("rotate-sequential", "quantize {broken} --rotate --sequential --out {out}",
          "sequential mode (--sequential given) never holds at once", "drop --rotate, or --sequential"),
     Case("weights-nan", T.replace("{tiny}", "{nan}"), "inf/nan in model.layers.1.mlp.down_proj.weight",
