@@ -164,18 +164,37 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
     return res
 
 
+def input_scales(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The input scales s of a smoothed weight, up to one constant factor, from its values before and after:
+    after = diag(1 / t) before diag(s), where t is the row scaling of a linear that is also a group's `prev`
+    (v_proj, up_proj). log |after / before| = log s_j - log t_r: less its row's mean it is log s_j less the
+    mean of log s, the same in every row, so its mean over rows gives s up to one factor (zero weights are
+    left out, which moves the others by ~1e-5). A ratio of column sums would mix t into each column
+    differently. Columns with no nonzero pair get 1. In blocks of rows, so the temporaries stay small."""
+    total = torch.zeros(before.shape[1], dtype=torch.float64, device=before.device)
+    count = torch.zeros_like(total)
+    for b, a in zip(before.split(1024), after.split(1024), strict=True):
+        both = (b != 0) & (a != 0)
+        logs = torch.where(both, (a.float() / torch.where(both, b.float(), 1.0)).abs().log(), 0.0).double()
+        rows = logs.sum(1, keepdim=True) / both.sum(1, keepdim=True).clamp(min=1)
+        total += torch.where(both, logs - rows, 0.0).sum(0)
+        count += both.sum(0)
+    return torch.where(count > 0, (total / count.clamp(min=1)).exp(), 1.0).float()
+
+
 def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, torch.Tensor], q) -> None:
     """Replace each linear with an Int8 module whose rows llmq/gptq.py rounded against its input Hessian.
-    H was accumulated before smoothing; smoothing divides input channel j by s_j (the ratio of the column's
-    weights after and before it), so the smoothed input's Hessian is D H D with D = diag(1 / s)."""
+    H was accumulated before smoothing; smoothing divides input channel j by s_j (`input_scales`), so the
+    smoothed input's Hessian is D H D with D = diag(1 / s); a constant factor in s changes nothing (GPTQ's
+    damping is relative to H's mean diagonal, its updates use ratios of U, the clip choice compares errors
+    per row)."""
     from .gptq import STAGE_CLIP_GRID, quantize_weight
     from .quantize import check_weight_range, int8_linear
 
     for name in qnames:
         module = root.get_submodule(name)
         w = linear_weight(module).detach().float()
-        old = before[name].abs().sum(0)
-        s = torch.where(old > 0, w.abs().sum(0) / old.clamp(min=1e-30), torch.ones_like(old))
+        s = input_scales(before[name].to(w.device), w)
         h = hess[name].float().to(w.device)
         cb, scb = quantize_weight(w, h / s[:, None] / s[None, :], clip_grid=STAGE_CLIP_GRID)
         check_weight_range(float(scb.max()), name)

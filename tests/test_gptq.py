@@ -164,3 +164,26 @@ def test_gptq_checkpoint_reloads_with_stock_transformers(tmp_path):
 
 def test_clip_grid_starts_at_no_clipping():
     assert CLIP_GRID[0] == 1.0 and min(CLIP_GRID) == 0.8
+
+
+def test_input_scales_are_exact_for_row_scaled_weights():
+    """v_proj / up_proj are smoothed twice: input columns by s (their group), rows by t (they feed o_proj /
+    down_proj). GPTQ needs s alone, up to a constant; a ratio of column abs-sums is off by up to ~20% per
+    column (t mixed in by each column's weights), the mean log ratio is exact."""
+    from llmq.stage import input_scales
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 576, generator=g)
+    w[3, 7] = 0.0  # a zero weight is skipped, not a log of 0
+    w[:, 11] = 0.0  # a dead column gets 1
+    s, t = torch.exp(torch.randn(576, generator=g)), torch.exp(torch.randn(192, generator=g))
+    after = w / t[:, None] * s[None, :]
+    got = input_scales(w, after)
+    live = torch.ones(576, dtype=torch.bool)
+    live[11] = False
+    ratio = got[live] / s[live]
+    assert got[11] == 1.0 and (ratio.max() / ratio.min() - 1) < 1e-4
+    colsum = after.abs().sum(0)[live] / w.abs().sum(0)[live] / s[live]
+    assert colsum.max() / colsum.min() > 1.2  # what the column-sum ratio gave
+    no_rows = input_scales(w, w * s[None, :])[live] / s[live]  # no row scaling: s, up to the factor
+    assert (no_rows.max() / no_rows.min() - 1) < 1e-4
