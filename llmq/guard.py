@@ -5,8 +5,9 @@ or weight-only without rescaling) and, for W8A8, with the family's published alp
 model's KL(FP || int8), top-1 agreement and NLL are measured on calibration windows held out from
 calibration and the alpha search (llmq.evaluate's protocol, windows of calibration.seq_len). The model with
 the lowest KL ships: auto is never worse than alpha 0 on the guard's KL, and the report says when it fell
-back. Each candidate is built from a fresh load of the float model; at most the float reference, the auto
-model and one rival are in memory at once.
+back. Each candidate is built from a fresh load of the float model. The float model's logits on the held-out
+windows are computed once and kept in a temporary file (`reference_logits`), so without --max-kl the float
+reference is not in memory during the guard: the auto model, the best rival so far and the one being built.
 """
 
 from __future__ import annotations
@@ -63,6 +64,22 @@ def split_windows(windows: torch.Tensor, held: int) -> tuple[torch.Tensor, torch
     return windows[keep], windows[pick]
 
 
+def reference_logits(fp, held: torch.Tensor):
+    """`fp`'s logits on the `held` windows in a temporary file (llmq.compare.ReferenceLogits, rows x vocab in
+    the logits' dtype), to score every candidate against: the float model runs once and need not stay
+    resident. The caller closes it."""
+    from .compare import ReferenceLogits
+    from .evaluate import evaluate_ids
+
+    store = ReferenceLogits(held.shape[0] * (held.shape[1] - 1))
+    try:
+        evaluate_ids(fp, held.reshape(-1), held.shape[1], record=store, progress=False)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
 def _score(model, reference, held: torch.Tensor) -> dict[str, float]:
     from .evaluate import evaluate_ids
 
@@ -72,7 +89,8 @@ def _score(model, reference, held: torch.Tensor) -> dict[str, float]:
 
 def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recipe], tuple[Any, Any]],
            ) -> tuple[Any, Any, GuardResult]:
-    """Compare the quantized auto `model` with its rivals on `held` windows against the float reference `fp`;
+    """Compare the quantized auto `model` with its rivals on `held` windows against the float reference `fp`
+    (a model, or its `reference_logits`);
     `build(recipe)` returns (a quantized model, what its build reported). Returns (the winner, its build's
     payload or None when auto wins, the measurements)."""
     result = GuardResult("auto", int(held.shape[0] * (held.shape[1] - 1)))

@@ -11,10 +11,10 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
 - in-memory peak (llmq.run): the float model + the larger of that working set and one linear's
   conversion (its fp16 copy + int8); on CPU plus the memory-mapped checkpoint pages resident while
   from_pretrained copies them (~ the float model again) and the auto-alpha row samples of one layer
-  (auto_tokens x in_features float32 per group). With auto alpha the guard (llmq/guard.py) adds the float
-  reference and up to two int8 rivals beside the shipped model: + fp + 2 x int8. `--max-kl` (llmq/guard.py
-  `keep_sensitive_`) adds a float copy of every converted linear (what it can put back), the float reference
-  when no guard holds one already, and the reference's float32 log-probabilities on the ranking windows
+  (auto_tokens x in_features float32 per group). With auto alpha the guard (llmq/guard.py) holds the auto
+  model and the best rival so far beside the one being built: + 2 x int8 (the float reference's logits go to
+  a temporary file). `--max-kl` (llmq/guard.py `keep_sensitive_`) adds a float copy of every converted linear
+  (what it can put back), the float reference, and its float32 log-probabilities on the ranking windows
   (rank_windows * L * vocab * 4: 0.2 GB for SmolLM2, 1.1 GB for Gemma 3's 262k vocabulary).
 - sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
   window's working set + the larger of (the non-layer weights but the head, while the layer inputs are
@@ -179,11 +179,11 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
         samples //= max(n_layers, 1)
     in_memory = fp + max(act + logits if calibrates else 0, biggest_linear)
     guarded = calibrates and alpha == "auto"
-    if guarded:  # the guard: float reference + rivals beside the model
-        in_memory += fp + 2 * q
+    if guarded:  # the guard: the auto model and the best rival beside the one being built
+        in_memory += 2 * q
     if max_kl is not None:  # --max-kl: float linears to put back, the reference, its ranking log-probs
         lin_fp = sum(model.get_parameter(k).numel() for k in rows) * d
-        in_memory += lin_fp + (0 if guarded else fp) + rank_windows * L * text.vocab_size * 4
+        in_memory += lin_fp + fp + rank_windows * L * text.vocab_size * 4
     if key == "cpu":  # while from_pretrained copies weights out of the memory-mapped checkpoint, both are resident
         in_memory += fp + samples
     non_layer = fp - sum(layer_fp)

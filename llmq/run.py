@@ -24,7 +24,7 @@ from .data import bos_id, calibration_set, load_text
 from .errors import ConfigError
 from .layers import catch_inputs, quantize_layers_
 from .load import check_seq_len, load, load_config
-from .memory import PeakMemory
+from .memory import PeakMemory, release
 from .quantize import check_skip_matches, linear_names, mark_quantized_, replace_linears_
 from .report import CalibrationInfo, QuantizeInfo, Report
 from .rotate import auto_rotate, check_rotatable, rotate_, unguarded_rotate
@@ -185,8 +185,7 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
     return report, stats, res
 
 
-def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torch.Tensor | None,
-                                                                          torch.Tensor | None]:
+def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(calibration windows, the guard's held-out windows): `samples` windows calibrate; with auto alpha,
     `smoothing.guard_windows` more are drawn from the same text and held out (None when not guarding)."""
     if not needs_windows(recipe):
@@ -206,9 +205,9 @@ def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torc
 def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, progress: bool = False):
     """The end-to-end checks of llmq/guard.py on the in-memory model `built` = (report, stats, BlockResult):
     auto against its rivals, then --max-kl. Returns the model to ship, its report and statistics."""
-    from .guard import guard_, keep_sensitive_
+    from .guard import guard_, keep_sensitive_, reference_logits
 
-    report, stats, res = built
+    (report, stats, res), q = built, recipe.quantization
 
     def load_fp():
         return load(recipe.model, dtype=recipe.dtype, device=recipe.device,
@@ -219,24 +218,29 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, p
         same = rec.quantization.rotate == recipe.quantization.rotate  # else its own maxima (guard.rivals)
         return m, _quantize_(m, tok, rec, windows=windows, scales=scales if same else None, progress=False)
 
-    fp = load_fp()  # the float reference of every held-out KL, loaded once for the guard and --max-kl
-    # smoothquant, or weight-only that was rescaled or rotated
-    if recipe.smoothing.alpha == "auto" and (report.alphas or recipe.quantization.rotate):
-        model, won, result = guard_(model, recipe, held, fp, build)
-        if won is not None:
-            alpha, auto_stats, auto_alphas = report.alpha, stats, report.alphas
-            report, stats, res = won
-            report.alpha = alpha  # as asked ("auto"); the alphas are the rival's
-            if not report.alphas and auto_alphas:  # weight-only alpha 0 rescales nothing: every group at 0
-                report.alphas = dict.fromkeys(auto_alphas, 0.0)
-            stats = stats or auto_stats  # the maxima auto calibrated stay reusable (--act-scales)
-        report.guard = {"chosen": result.chosen, "fell_back": result.fell_back,
-                        "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
-                        "candidates": result.candidates}
-    if recipe.quantization.max_kl is not None:
-        q = recipe.quantization
-        report.keep = keep_sensitive_(model, held, fp, q, res, windows[:q.rank_windows], progress)
-    del fp
+    guarded = recipe.smoothing.alpha == "auto" and (report.alphas or q.rotate)  # smoothquant, or weight-only
+    fp = load_fp() if guarded or q.max_kl is not None else None  # the float reference of held-out KL
+    ref = reference_logits(fp, held) if guarded else None  # its logits, once, in a temporary file
+    fp = fp if q.max_kl is not None else None  # nothing else needs the float model: not beside the rivals
+    release()
+    try:
+        if guarded:
+            model, won, result = guard_(model, recipe, held, ref, build)
+            if won is not None:
+                alpha, auto_stats, auto_alphas = report.alpha, stats, report.alphas
+                report, stats, res = won
+                report.alpha = alpha  # as asked ("auto"); the alphas are the rival's
+                if not report.alphas and auto_alphas:  # weight-only alpha 0 rescales nothing: every group at 0
+                    report.alphas = dict.fromkeys(auto_alphas, 0.0)
+                stats = stats or auto_stats  # the maxima auto calibrated stay reusable (--act-scales)
+            report.guard = {"chosen": result.chosen, "fell_back": result.fell_back,
+                            "held_out_windows": int(held.shape[0]), "held_out_tokens": result.held_out_tokens,
+                            "candidates": result.candidates}
+        if q.max_kl is not None:
+            report.keep = keep_sensitive_(model, held, fp, q, res, windows[:q.rank_windows], progress)
+    finally:
+        if ref is not None:
+            ref.close()
     return model, report, stats
 
 

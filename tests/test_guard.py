@@ -293,3 +293,21 @@ def _held_out_kl(folder, fp, recipe) -> float:
     q = AutoModelForCausalLM.from_pretrained(folder).eval()
     ref = AutoModelForCausalLM.from_pretrained(fp).eval()
     return evaluate_ids(q, held.reshape(-1), held.shape[1], reference=ref, progress=False).kl_divergence
+
+
+def test_reference_logits_score_as_the_live_reference():
+    """The guard scores candidates against the float model's logits stored once in a temporary file, so the
+    float model need not stay in memory: the numbers are those of scoring against the live model."""
+    from llmq.guard import _score, reference_logits
+    from llmq.quantize import quantize_
+
+    fp = tiny_llama()
+    model = copy.deepcopy(fp)
+    quantize_(model, Quantization(method="smoothquant"), progress=False)
+    held = torch.randint(3, 250, (3, 20), generator=torch.Generator().manual_seed(0))
+    store = reference_logits(fp, held)
+    try:
+        assert _score(model, store, held) == _score(model, fp, held)
+        assert _score(fp, store, held)["kl_divergence"] == 0.0
+    finally:
+        store.close()
