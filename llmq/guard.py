@@ -6,8 +6,9 @@ model's KL(FP || int8), top-1 agreement and NLL are measured on calibration wind
 calibration and the alpha search (llmq.evaluate's protocol, windows of calibration.seq_len). The model with
 the lowest KL ships: auto is never worse than alpha 0 on the guard's KL, and the report says when it fell
 back. Each candidate is built from a fresh load of the float model. The float model's logits on the held-out
-windows are computed once and kept in a temporary file (`reference_logits`), so without --max-kl the float
-reference is not in memory during the guard: the auto model, the best rival so far and the one being built.
+windows are computed once and kept in a temporary file (`reference_logits`, unless they outweigh the model),
+so without --max-kl the float reference is not in memory during the guard: the auto model, the best rival so
+far and the one being built.
 """
 
 from __future__ import annotations
@@ -67,11 +68,18 @@ def split_windows(windows: torch.Tensor, held: int) -> tuple[torch.Tensor, torch
 def reference_logits(fp, held: torch.Tensor):
     """`fp`'s logits on the `held` windows in a temporary file (llmq.compare.ReferenceLogits, rows x vocab in
     the logits' dtype), to score every candidate against: the float model runs once and need not stay
-    resident. The caller closes it."""
+    resident. Returns `fp` itself instead when those logits are larger than its weights (a small model with
+    a large vocabulary, e.g. Gemma 3 270M: 2.1 GB of logits on 4 x 512 tokens against 1.1 GB of float32
+    weights), since a temporary folder in memory (tmpfs) would then hold more than the model. The caller
+    closes a store."""
     from .compare import ReferenceLogits
     from .evaluate import evaluate_ids
+    from .memory import weight_bytes
 
-    store = ReferenceLogits(held.shape[0] * (held.shape[1] - 1))
+    rows = held.shape[0] * (held.shape[1] - 1)
+    if rows * fp.config.get_text_config().vocab_size * fp.dtype.itemsize > weight_bytes(fp):
+        return fp
+    store = ReferenceLogits(rows)
     try:
         evaluate_ids(fp, held.reshape(-1), held.shape[1], record=store, progress=False)
     except BaseException:

@@ -220,8 +220,8 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, p
 
     guarded = recipe.smoothing.alpha == "auto" and (report.alphas or q.rotate)  # smoothquant, or weight-only
     fp = load_fp() if guarded or q.max_kl is not None else None  # the float reference of held-out KL
-    ref = reference_logits(fp, held) if guarded else None  # its logits, once, in a temporary file
-    fp = fp if q.max_kl is not None else None  # nothing else needs the float model: not beside the rivals
+    ref = reference_logits(fp, held) if guarded else None  # its logits in a temporary file, or fp if smaller
+    fp = fp if q.max_kl is not None or ref is fp else None  # else not beside the rivals
     release()
     try:
         if guarded:
@@ -239,7 +239,7 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, p
         if q.max_kl is not None:
             report.keep = keep_sensitive_(model, held, fp, q, res, windows[:q.rank_windows], progress)
     finally:
-        if ref is not None:
+        if ref is not None and ref is not fp:
             ref.close()
     return model, report, stats
 
