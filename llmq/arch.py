@@ -88,9 +88,9 @@ ARCHS: dict[str, Arch] = {
         Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
     ), 0.8),
     # no norm before the sublayers (OLMo 2/3, EXAONE 4 normalise outputs; OLMo's LayerNorm has no weights):
-    # only the linear -> linear pairs
+    # only the linear -> linear pairs; OLMo's optional clip_qkv clamps v, which a scale does not pass through
     **dict.fromkeys(("olmo", "olmo2", "olmo3", "exaone4"), Arch("model.layers", (
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear", when=(("clip_qkv", None),)),
         Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
     ), 0.8)),
     "arcee": Arch("model.layers", (  # ungated MLP up -> relu^2 -> down

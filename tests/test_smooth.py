@@ -80,6 +80,7 @@ CASES = {
     "seed_oss": (_llama_like("SeedOssConfig", attention_bias=True, pad_token_id=0), ALL4),
     "glm4": (_llama_like("Glm4Config", pad_token_id=0), ALL4),
     "olmo": (_llama_like("OlmoConfig", pad_token_id=0), ("v_o", "up_down")),
+    "olmo-clip-qkv": (_llama_like("OlmoConfig", pad_token_id=0, clip_qkv=0.5), ("up_down",)),
     "olmo2": (_llama_like("Olmo2Config", pad_token_id=0), ("v_o", "up_down")),
     "olmo3": (_llama_like("Olmo3Config", pad_token_id=0), ("v_o", "up_down")),
     "exaone4": (_llama_like("Exaone4Config", pad_token_id=0), ("v_o", "up_down")),
