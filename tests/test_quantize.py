@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 from conftest import tiny_llama, tiny_text, tiny_tokenizer
+from test_smooth import CASES as SMOOTH_CASES
+from test_smooth import V, _build
 
 from llmq.config import Calibration, Quantization, Recipe, Smoothing
 from llmq.quantize import linear_names, quantize_, skipped
@@ -330,15 +332,13 @@ def test_text_pipeline_with_tokenizer():
     assert stats.tokens == 8 * 32
 
 
-@pytest.mark.parametrize("case", sorted(__import__("test_smooth").CASES))
+@pytest.mark.parametrize("case", sorted(SMOOTH_CASES))
 def test_every_table_family_runs_the_layer_stage_end_to_end(case):
     """Every family of llmq/arch.py through the in-memory driver's per-layer stage: W8A8 with the layer-output
     alpha search (each decoder layer run on its cached inputs, with that family's layer arguments) and GPTQ.
     Every linear but lm_head becomes int8, every smoothing group gets an alpha and the model still runs.
     (That smoothing is exact per family is test_smooth's; on these random models KL to float is ~1e-6 either
     way, so it would prove nothing here.)"""
-    from test_smooth import V, _build
-
     from llmq.smooth import smooth_targets
 
     model, _ = _build(case)
