@@ -234,6 +234,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     check_causal(config, recipe.model)
     model = skeleton(config, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     model.config.use_cache = False  # as llmq.load.load
+    names = linear_names(model, q.skip)  # before any text or weights: a model llmq cannot convert fails here
     targets = smoothing_targets(model, recipe)
     check_scales(inputs.scales, targets, cal.act_scales)
     src = source(recipe.model)["pretrained_model_name_or_path"]
@@ -250,7 +251,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         del tok, inputs.cal_text  # not needed any more: keep the peak down
         trim_heap()
         check_skip_matches([n for n, _ in model.named_modules()], q.skip)
-        job = _Job(recipe, model, layers_path(model), shards.key_map(model, files), linear_names(model, q.skip),
+        job = _Job(recipe, model, layers_path(model), shards.key_map(model, files), names,
                    targets, inputs.scales, device, tmp / ".staging", windows,
                    storage=None if measures_range(q.storage_dtype, dtype) else storage_dtype(q.storage_dtype, dtype))
         missing = [n for n, _ in model.named_parameters() if n not in job.kmap]  # tied copies listed once

@@ -365,6 +365,8 @@ CASES = [
          "keep this model in 16-bit"),
     Case("arch-moe-llm-int8", T.replace("{tiny}", "{moe}") + " --method llm-int8", "MixtralExperts's 3-D weights",
          "keep this model in 16-bit"),
+    Case("arch-moe-sequential", "quantize {moe} --method weight-only --sequential --out {out}",
+         "MixtralExperts's 3-D weights", "keep this model in 16-bit"),
     Case("arch-moe-plan", "plan {moe} --method weight-only", "MixtralExperts's 3-D weights",
          "keep this model in 16-bit"),
     Case("rotate-family", T.replace("{tiny}", "{bigcode}") + " --method weight-only --rotate",
