@@ -54,18 +54,34 @@ class Arch:
         return tuple(g for g in self.groups if all(getattr(config, k, None) == v for k, v in g.when))
 
 
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_V_O = Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear")
+_UP_DOWN = Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear")
+
+
 def _llama_like(layers: str = "model.layers", norm: str = "norm", mlp_norm: str = "post_attention_layernorm",
                 alpha: float = 0.8) -> Arch:
     return Arch(layers, (
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), norm),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("attn", "input_layernorm", _QKV, norm),
+        _V_O,
         Group("mlp", mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm),
-        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+        _UP_DOWN,
     ), alpha)
+
+
+def _ungated(attn_norm: str, mlp_norm: str, up: str, alpha: float = 0.8) -> Arch:
+    """q/k/v after one norm, v -> o, and an MLP up -> activation -> down (no up -> down pair)."""
+    return Arch("model.layers", (Group("attn", attn_norm, _QKV), _V_O, Group("mlp", mlp_norm, (up,))), alpha)
 
 
 _GEMMA2 = _llama_like(norm="gemma_norm", mlp_norm="pre_feedforward_layernorm")  # post_* norms stay untouched
 _OPT_PRE_LN = (("do_layer_norm_before", True), ("layer_norm_elementwise_affine", True))
+_GLM = Arch("model.layers", (  # q/k/v apart, MLP fused [gate|up] as in phi3; glm4's post-norms stay untouched
+    Group("attn", "input_layernorm", _QKV),
+    _V_O,
+    Group("mlp", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+    Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
+), 0.8)
 
 ARCHS: dict[str, Arch] = {
     "llama": _llama_like(alpha=0.85),
@@ -81,55 +97,29 @@ ARCHS: dict[str, Arch] = {
     "helium": _llama_like(),
     "ernie4_5": _llama_like(),
     "seed_oss": _llama_like(),
-    "glm4": Arch("model.layers", (  # glm's wiring plus post-norms on each sublayer's output (left untouched)
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        Group("mlp", "post_attention_layernorm", ("mlp.gate_up_proj",)),
-        Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
-    ), 0.8),
+    "glm": _GLM,
+    "glm4": _GLM,
     # no norm before the sublayers (OLMo 2/3, EXAONE 4 normalise outputs; OLMo's LayerNorm has no weights):
     # only the linear -> linear pairs; OLMo's optional clip_qkv clamps v, which a scale does not pass through
     **dict.fromkeys(("olmo", "olmo2", "olmo3", "exaone4"), Arch("model.layers", (
         Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear", when=(("clip_qkv", None),)),
-        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+        _UP_DOWN,
     ), 0.8)),
-    "arcee": Arch("model.layers", (  # ungated MLP up -> relu^2 -> down
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        Group("mlp", "post_attention_layernorm", ("mlp.up_proj",)),
-    ), 0.8),
-    "apertus": Arch("model.layers", (  # ungated MLP up -> xIELU -> down
-        Group("attn", "attention_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        Group("mlp", "feedforward_layernorm", ("mlp.up_proj",)),
-    ), 0.8),
-    "glm": Arch("model.layers", (  # q/k/v apart, MLP fused [gate|up] as in phi3
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        Group("mlp", "post_attention_layernorm", ("mlp.gate_up_proj",)),
-        Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
-    ), 0.8),
+    "arcee": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj"),  # up -> relu^2 -> down
+    "apertus": _ungated("attention_layernorm", "feedforward_layernorm", "mlp.up_proj"),  # up -> xIELU -> down
     "stablelm": Arch("model.layers", (  # LayerNorm (weight and bias); parallel: one norm feeds attn and MLP
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              when=(("use_parallel_residual", False),)),
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                          "mlp.gate_proj", "mlp.up_proj"), when=(("use_parallel_residual", True),)),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        Group("attn", "input_layernorm", _QKV, when=(("use_parallel_residual", False),)),
+        Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj"),
+              when=(("use_parallel_residual", True),)),
+        _V_O,
         Group("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"),
               when=(("use_parallel_residual", False),)),
-        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+        _UP_DOWN,
     )),
     "cohere": Arch("model.layers", (  # parallel: one LayerNorm (no bias) feeds attention and the MLP
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                          "mlp.gate_proj", "mlp.up_proj")),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+        Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
     )),
-    "starcoder2": Arch("model.layers", (  # LayerNorm with bias; ungated MLP c_fc -> gelu -> c_proj
-        Group("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        Group("mlp", "post_attention_layernorm", ("mlp.c_fc",)),
-    )),
+    "starcoder2": _ungated("input_layernorm", "post_attention_layernorm", "mlp.c_fc", 0.5),  # LayerNorm, gelu
     "phi3": Arch("model.layers", (
         Group("attn", "input_layernorm", ("self_attn.qkv_proj",)),
         Group("v_o", "self_attn.qkv_proj", ("self_attn.o_proj",), "linear", tail=True),
@@ -137,8 +127,7 @@ ARCHS: dict[str, Arch] = {
         Group("up_down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", tail=True),
     ), 0.8),
     "opt": Arch("model.decoder.layers", (
-        Group("attn", "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              when=_OPT_PRE_LN),
+        Group("attn", "self_attn_layer_norm", _QKV, when=_OPT_PRE_LN),
         Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear"),
         Group("mlp", "final_layer_norm", ("fc1",), when=_OPT_PRE_LN),
     )),
