@@ -6,8 +6,9 @@ embedding, more bytes than all the int8 linears together. Stock `from_pretrained
 `dtype` that config.json records, so three things must agree: the checkpoint's bytes, config.json's `dtype`,
 and the in-memory model that llmq checks (fp16 range) and evaluates. `cast_unquantized_` makes them agree,
 using from_pretrained's own rule for modules that a model keeps in float32 (`_keep_in_fp32_modules*`).
-`SCB` stays float32 (bitsandbytes' format); buffers that are not saved (rotary `inv_freq`) are left alone,
-since from_pretrained rebuilds them rather than loading them.
+`SCB` stays float32 (bitsandbytes' format); buffers that are not saved are rebuilt by from_pretrained as the
+model's `__init__` makes them under the default dtype `dtype` (rotary `inv_freq` in float32, XGLM's sinusoidal
+positions in `dtype`): the in-memory model's get the dtypes of such a rebuild (`_rebuilt_buffers_`).
 
 `auto` = the run dtype when it is 16-bit (CUDA's float16 default: nothing changes). From a float32 run (CPU's
 default) it is float16 when the run measured the range and it fits: every activation the converted decoder
@@ -118,7 +119,28 @@ def cast_unquantized_(model: torch.nn.Module, dtype: torch.dtype, *, only: str =
     config = getattr(model, "config", None)
     if config is not None and not only:
         config.dtype = dtype
+        _rebuilt_buffers_(model, dtype)
     return saved
+
+
+def _rebuilt_buffers_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast each unsaved float buffer of `model` to the dtype from_pretrained(dtype=`dtype`) gives it: the
+    dtype of the same buffer in a skeleton built under that default dtype (weights on meta, buffers real).
+    Without it, XGLM's float32 positions turn a float16 model's hidden states float32 (its norms then fail)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            ref = type(model)._from_config(model.config, dtype=dtype)
+    except Exception as e:  # a family whose __init__ cannot run this way: leave its buffers as they are
+        log.debug("no skeleton to match unsaved buffers: %s", e)
+        return
+    want = {n: b.dtype for n, b in ref.named_buffers()}
+    for mname, mod in model.named_modules():
+        for bname in mod._non_persistent_buffers_set:
+            b, name = mod._buffers.get(bname), f"{mname}.{bname}" if mname else bname
+            if b is not None and b.is_floating_point() and want.get(name, b.dtype) != b.dtype:
+                mod._buffers[bname] = b.to(want[name])
 
 
 def to_storage_dtype_(model: torch.nn.Module, name: str, act_max: float | None = None) -> dict:
