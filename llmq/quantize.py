@@ -79,9 +79,23 @@ def skipped(name: str, skip: tuple[str, ...]) -> bool:
                           "give module names or name suffixes such as lm_head or down_proj") from None
 
 
+def with_head(model, skip: tuple[str, ...]) -> tuple[str, ...]:
+    """`skip`, plus the output embedding's own name where "lm_head" is in it and the model calls its head
+    something else (BioGPT `output_projection`, RWKV `head`): kept float, as stock transformers keeps any
+    output embedding, and written into llm_int8_skip_modules so that a stock reload keeps it float too."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if "lm_head" in skip and get is not None else None
+    if head is None:
+        return tuple(skip)
+    return (*skip, *(n for n, m in model.named_modules() if m is head and n != "lm_head" and n not in skip))
+
+
 def check_skip_matches(names: list[str], skip: tuple[str, ...]) -> None:
-    """Warn about skip entries that match no module (a typo keeps nothing in float, silently otherwise)."""
+    """Warn about skip entries that match no module (a typo keeps nothing in float, silently otherwise);
+    "lm_head" also stands for an output embedding of another name (`with_head`)."""
     for k in skip:
+        if k == "lm_head" and "lm_head" not in names:
+            continue
         if not any(skipped(n, (k,)) for n in names):
             log.warning("skip entry %r matches no module of this model: nothing is kept in float for it", k)
 
@@ -97,6 +111,7 @@ def linear_names(model, skip: tuple[str, ...] = ()) -> list[str]:
     from .arch import check_int8_supported
 
     check_int8_supported(getattr(getattr(model, "config", None), "model_type", None))
+    skip = with_head(model, skip)
     names, done, left = [], 0, Counter()
     for n, m in model.named_modules():
         if skipped(n, skip):
@@ -212,7 +227,7 @@ def quantize_(model, cfg: Quantization, progress: bool = True) -> list[str]:
 
 def mark_quantized_(model, cfg: Quantization) -> None:
     """Record the bitsandbytes `quantization_config` in `model.config` (what stock from_pretrained reads)."""
-    model.config.quantization_config = bnb_quantization_config(cfg)
+    model.config.quantization_config = bnb_quantization_config(cfg, model)
     model.is_loaded_in_8bit = True
 
 
@@ -231,12 +246,12 @@ def replace_linears_(model, names: list[str], cfg: Quantization, progress: bool 
         log.debug("%s: %d linears -> int8 (threshold %g)", cfg.method, len(names), threshold)
 
 
-def bnb_quantization_config(cfg: Quantization) -> dict:
+def bnb_quantization_config(cfg: Quantization, model) -> dict:
     """The `quantization_config` that lets stock transformers rebuild the Int8 modules from config.json."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.effective_threshold,
-                              llm_int8_skip_modules=list(cfg.skip)).to_dict()
+                              llm_int8_skip_modules=list(with_head(model, cfg.skip))).to_dict()
 
 
 @torch.inference_mode()

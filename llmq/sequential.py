@@ -281,7 +281,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
         shards.write_shards(staged, sorted(every, key=dot_natural_key), tmp, total_parameters=n_params,
                             max_shard_bytes=shards.MAX_SHARD_BYTES, passthrough=passthrough)
         job.staging.rmdir()
-        shards.save_config(model, bnb_quantization_config(q), job.storage, src, tmp)
+        shards.save_config(model, bnb_quantization_config(q, model), job.storage, src, tmp)
         finish_output(tmp, recipe, report, saved_stats(inputs.scales, total))
     log.info("wrote %s (sequential, peak %.0f MB)", inputs.dest, pm.peak_bytes / 2**20)
     return report

@@ -81,7 +81,7 @@ def gptq_(model, cfg: Quantization, windows: torch.Tensor, clip_grid: tuple[floa
                     int8_linear(CB, SCB, old.bias, cfg.effective_threshold, training=old.training))
         log.info("layer %d: GPTQ/RTN calibration error %.3f (mean of %d)", i,
                  sum(ratios[-len(mine):]) / len(mine), len(mine))
-    model.config.quantization_config = bnb_quantization_config(cfg)
+    model.config.quantization_config = bnb_quantization_config(cfg, model)
     model.is_loaded_in_8bit = True
     f = torch.tensor(factors)
     return {"gptq_over_rtn_calib_error_mean": sum(ratios) / len(ratios),

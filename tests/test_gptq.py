@@ -151,7 +151,7 @@ def test_gptq_checkpoint_reloads_with_stock_transformers(tmp_path):
         old = model.get_submodule(n)
         CB, SCB = quantize_weight(old.weight, hs[n])
         setattr(model.get_submodule(parent), child, int8_linear(CB, SCB, old.bias, cfg.effective_threshold))
-    model.config.quantization_config = bnb_quantization_config(cfg)
+    model.config.quantization_config = bnb_quantization_config(cfg, model)
     save_checkpoint(model, tok, tmp_path / "q")
     probe = [[5, 9, 33, 7, 101, 200, 17, 3]]
     with torch.no_grad():
