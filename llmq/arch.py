@@ -93,6 +93,10 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": _GEMMA2,
     "gemma3": _llama_like("model.language_model.layers", "gemma_norm", "pre_feedforward_layernorm"),
     "smollm3": _llama_like(),
+    **dict.fromkeys(("cwm", "exaone", "hunyuan_v1_dense", "internlm3", "iquestcoder", "ministral", "ministral3"),
+                    _llama_like()),
+    "hyperclovax": _llama_like(),  # its optional post-norms (use_post_norm) stay untouched
+    "vaultgemma": _GEMMA2,
     "granite": _llama_like(),  # its scalar multipliers (embedding, residual, logits) commute with smoothing
     "helium": _llama_like(),
     "ernie4_5": _llama_like(),
@@ -105,6 +109,7 @@ ARCHS: dict[str, Arch] = {
         Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear", when=(("clip_qkv", None),)),
         _UP_DOWN,
     ), 0.8)),
+    "nanochat": Arch("model.layers", (_V_O,), 0.8),  # weightless norms, ungated MLP: only v -> o
     "arcee": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj"),  # up -> relu^2 -> down
     "apertus": _ungated("attention_layernorm", "feedforward_layernorm", "mlp.up_proj"),  # up -> xIELU -> down
     "stablelm": Arch("model.layers", (  # LayerNorm (weight and bias); parallel: one norm feeds attn and MLP
@@ -119,6 +124,44 @@ ARCHS: dict[str, Arch] = {
     "cohere": Arch("model.layers", (  # parallel: one LayerNorm (no bias) feeds attention and the MLP
         Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
     )),
+    "cohere2": Arch("model.layers", (
+        Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
+    )),
+    "jais2": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj", 0.5),  # LayerNorm, relu^2
+    "phi": Arch("model.layers", (  # parallel: one LayerNorm feeds q/k/v and fc1 -> gelu -> fc2
+        Group("attn", "input_layernorm", (*_QKV, "mlp.fc1")),
+        Group("v_o", "self_attn.v_proj", ("self_attn.dense",), "linear"),
+    )),
+    "gptj": Arch("transformer.h", (  # parallel, as phi
+        Group("attn", "ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),
+        Group("v_o", "attn.v_proj", ("attn.out_proj",), "linear"),
+    )),
+    "codegen": Arch("transformer.h", (  # parallel; qkv_proj interleaves q/v/k per model-parallel shard: no v_o
+        Group("attn", "ln_1", ("attn.qkv_proj", "mlp.fc_in")),
+    )),
+    "gpt_neo": Arch("transformer.h", (
+        Group("attn", "ln_1", tuple(f"attn.attention.{x}_proj" for x in "qkv")),
+        Group("v_o", "attn.attention.v_proj", ("attn.attention.out_proj",), "linear"),
+        Group("mlp", "ln_2", ("mlp.c_fc",)),
+    )),
+    "gpt_bigcode": Arch("transformer.h", (  # multi-query c_attn = [q | k | v], v one head shared by all heads;
+        Group("attn", "ln_1", ("attn.c_attn",)),  # without multi_query it is per-head interleaved: no v_o
+        Group("v_o", "attn.c_attn", ("attn.c_proj",), "linear", tail=True, when=(("multi_query", True),)),
+        Group("mlp", "ln_2", ("mlp.c_fc",)),
+    )),
+    # Wqkv's optional clip_qkv clamps v, which a scale does not pass through: no v_o
+    "mpt": Arch("transformer.blocks", (
+        Group("attn", "norm_1", ("attn.Wqkv",)), Group("mlp", "norm_2", ("ffn.up_proj",)),
+    )),
+    "persimmon": Arch("model.layers", (  # query_key_value is per-head interleaved (as gpt_neox): no v_o
+        Group("attn", "input_layernorm", ("self_attn.query_key_value",)),
+        Group("mlp", "post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+    )),
+    **{mt: Arch(layers, (  # pre-LN, as OPT
+        Group("attn", "self_attn_layer_norm", _QKV),
+        Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear"),
+        Group("mlp", "final_layer_norm", ("fc1",)),
+    )) for mt, layers in (("xglm", "model.layers"), ("biogpt", "biogpt.layers"))},
     "starcoder2": _ungated("input_layernorm", "post_attention_layernorm", "mlp.c_fc", 0.5),  # LayerNorm, gelu
     "phi3": Arch("model.layers", (
         Group("attn", "input_layernorm", ("self_attn.qkv_proj",)),

@@ -138,7 +138,7 @@ def _readonly_dir(root: Path) -> Path:
 def build_inputs(root: Path) -> dict[str, str]:
     """Every input of the battery, under `root`; returns the `{name}` placeholders of `CASES`."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, BertConfig, BertModel, FalconConfig, GPTBigCodeConfig, MixtralConfig
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel, CTRLConfig, FalconConfig, MixtralConfig
 
     from llmq.assets import model_folder, model_gguf, wiki_text_path
 
@@ -178,8 +178,8 @@ def build_inputs(root: Path) -> dict[str, str]:
     with torch.no_grad():
         big.model.layers[1].self_attn.o_proj.weight[0, 0] = 1e6
     model("bigweight", big)
-    model("bigcode", AutoModelForCausalLM.from_config(GPTBigCodeConfig(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256, bos_token_id=1, eos_token_id=2)))
+    model("ctrl", AutoModelForCausalLM.from_config(CTRLConfig(  # a family outside llmq/arch.py
+        n_embd=64, n_layer=2, n_head=4, dff=128, vocab_size=256, n_positions=256, bos_token_id=1, eos_token_id=2)))
     model("falcon", AutoModelForCausalLM.from_config(FalconConfig(  # FalconLinear: no stock int8 reload
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, new_decoder_architecture=True,
         num_kv_heads=2, bos_token_id=1, eos_token_id=2)))
@@ -353,7 +353,7 @@ CASES = [
     Case("model-safetensors-garbled", "quantize {garbled} --out {out}", "cannot load", "re-download"),
     Case("model-not-causal", "quantize {bert} --out {out}", "BertModel checkpoint", "...ForCausalLM"),
     Case("model-custom-code", "quantize {remote} --out {out}", "contains custom code", "--trust-remote-code"),
-    Case("arch-not-in-table", T.replace("{tiny}", "{bigcode}"), "no table entry for model type 'gpt_bigcode'",
+    Case("arch-not-in-table", T.replace("{tiny}", "{ctrl}"), "no table entry for model type 'ctrl'",
          "--method llm-int8"),
     Case("arch-falcon-smoothquant", T.replace("{tiny}", "{falcon}"), "projections are FalconLinear",
          "keep this model in 16-bit"),
@@ -369,8 +369,8 @@ CASES = [
          "MixtralExperts's 3-D weights", "keep this model in 16-bit"),
     Case("arch-moe-plan", "plan {moe} --method weight-only", "MixtralExperts's 3-D weights",
          "keep this model in 16-bit"),
-    Case("rotate-family", T.replace("{tiny}", "{bigcode}") + " --method weight-only --rotate",
-         "not 'gpt_bigcode': the rotation folds", "drop --rotate"),
+    Case("rotate-family", T.replace("{tiny}", "{ctrl}") + " --method weight-only --rotate",
+         "not 'ctrl': the rotation folds", "drop --rotate"),
     Case("rotate-sequential", "quantize {broken} --rotate --sequential --out {out}",
          "sequential mode (--sequential given) never holds at once", "drop --rotate, or --sequential"),
     Case("weights-nan", T.replace("{tiny}", "{nan}"), "inf/nan in model.layers.1.mlp.down_proj.weight",
@@ -498,8 +498,8 @@ def test_unsupported_architecture_quantizes_with_llm_int8_or_weight_only(battery
                                                                          method: str, threshold: float) -> None:
     """The same model the smoothing table refuses (row arch-not-in-table) quantizes with --method llm-int8, and
     with weight-only at its default alpha auto, which then rescales nothing (no table entry) and says so."""
-    out = tmp_path / "bigcode-int8"
-    run = llmq(["quantize", battery.paths["bigcode"], "--method", method, "--calib", battery.paths["text"],
+    out = tmp_path / "ctrl-int8"
+    run = llmq(["quantize", battery.paths["ctrl"], "--method", method, "--calib", battery.paths["text"],
                 "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)],
                cli_env(HF_HOME=battery.paths["hf_home"]))
     assert run.code == 0 and "Traceback" not in run.err, run.show()

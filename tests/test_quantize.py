@@ -264,6 +264,49 @@ def test_storage_dtype_keeps_what_from_pretrained_keeps_in_fp32():
     assert saved > 0 and model.config.dtype == torch.bfloat16
 
 
+def test_unsaved_buffers_get_the_dtypes_of_a_stock_reload(tmp_path):
+    """Buffers not in the checkpoint are rebuilt by from_pretrained: XGLM's sinusoidal positions in the stored
+    dtype, rotary inv_freq in float32. The in-memory model gets the same, so it runs as its reload does
+    (before, float16 storage left XGLM's positions float32 and its first LayerNorm raised on mixed dtypes)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.storage import cast_unquantized_
+
+    for case in ("xglm", "llama"):
+        model, _ = _build(case)
+        quantize_(model, Quantization(method="llm-int8"), progress=False)
+        cast_unquantized_(model, torch.float16)
+        ids = torch.randint(3, V - 4, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+        save_checkpoint(model, tiny_tokenizer(), tmp_path / case)
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / case)
+        mine = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}
+        assert mine == {n: b.dtype for n, b in stock.named_buffers() if b.is_floating_point()}
+        assert torch.float16 in mine.values() if case == "xglm" else set(mine.values()) == {torch.float32}
+
+
+def test_an_output_head_not_named_lm_head_stays_float(tmp_path):
+    """BioGPT's head is `output_projection` (tied to the embedding): "lm_head" in skip keeps it float, as stock
+    transformers keeps any output embedding, and names it in llm_int8_skip_modules for the stock reload.
+    (Before, it became int8, and its tie to the embedding made the saved checkpoint inconsistent.)"""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _build("biogpt")
+    names = quantize_(model, Quantization(method="llm-int8"), progress=False)
+    assert "output_projection" not in names and type(model.output_projection) is torch.nn.Linear
+    assert model.config.quantization_config["llm_int8_skip_modules"] == ["lm_head", "output_projection"]
+    assert quantize_(_build("biogpt")[0], Quantization(method="llm-int8", skip=()), progress=False)[-1] == \
+        "output_projection"  # no "lm_head" in skip: the head is converted as asked
+    save_checkpoint(model, tiny_tokenizer(), tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(stock.output_projection) is torch.nn.Linear
+    assert type(stock.biogpt.layers[0].fc1).__name__ == "Linear8bitLt"
+    ids = torch.randint(3, V - 4, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits)
+
+
 def test_int8_weights_take_one_byte(tmp_path):
     from safetensors import safe_open
 

@@ -47,8 +47,9 @@ def test_rotation_leaves_float_logits_unchanged(case, tied):
     assert len(rotated) > 4 and max(rotated) <= bound * (1 + 1e-6)  # what auto's float16 check relies on
     assert info["untied_lm_head_params"] == (emb.weight.numel() if tied else 0)
     assert model.get_output_embeddings().weight.data_ptr() != emb.weight.data_ptr()
-    gemma = case == "gemma"
-    norms = [m for n, m in model.named_modules() if n.endswith(("layernorm", ".norm"))]
+    gemma = case in ("gemma", "vaultgemma")  # output = norm(x) * (1 + w)
+    hidden = model.config.get_text_config().hidden_size  # (per-head q/k norms, hunyuan's, are not folded)
+    norms = [m for n, m in model.named_modules() if n.endswith(("layernorm", ".norm")) and m.weight.numel() == hidden]
     assert norms and all(torch.all(m.weight == (0.0 if gemma else 1.0)) for m in norms)
 
 

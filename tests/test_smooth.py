@@ -97,6 +97,30 @@ CASES = {
                                          num_hidden_layers=2, num_attention_heads=4,
                                          use_parallel_residual=False), ("attn", "mlp")),
     "bloom": (lambda: _cfg("BloomConfig", hidden_size=HID, n_layer=2, n_head=4), ("attn", "mlp")),
+    **{mt: (_llama_like(name, head_dim=16, pad_token_id=0), ALL4) for mt, name in (
+        ("cwm", "CwmConfig"), ("exaone", "ExaoneConfig"), ("hunyuan_v1_dense", "HunYuanDenseV1Config"),
+        ("internlm3", "InternLM3Config"), ("iquestcoder", "IQuestCoderConfig"), ("ministral", "MinistralConfig"),
+        ("ministral3", "Ministral3Config"), ("vaultgemma", "VaultGemmaConfig"))},
+    "hyperclovax": (_llama_like("HyperCLOVAXConfig", pad_token_id=0, use_post_norm=True), ALL4),
+    "cohere2": (_llama_like("Cohere2Config", pad_token_id=0), ("attn", "v_o", "up_down")),
+    "jais2": (_llama_like("Jais2Config", pad_token_id=0), ("attn", "v_o", "mlp")),
+    "nanochat": (_llama_like("NanoChatConfig", pad_token_id=0), ("v_o",)),
+    "phi": (lambda: _cfg("PhiConfig", hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2,
+                         num_attention_heads=4, qk_layernorm=True), ("attn", "v_o")),
+    "gptj": (lambda: _cfg("GPTJConfig", n_embd=HID, n_layer=2, n_head=4, rotary_dim=8), ("attn", "v_o")),
+    "codegen": (lambda: _cfg("CodeGenConfig", n_embd=HID, n_layer=2, n_head=4, rotary_dim=8), ("attn",)),
+    "gpt_neo": (lambda: _cfg("GPTNeoConfig", hidden_size=HID, num_layers=2, num_heads=4,
+                             attention_types=[[["global", "local"], 1]], window_size=4), ("attn", "v_o", "mlp")),
+    "gpt_bigcode": (lambda: _cfg("GPTBigCodeConfig", n_embd=HID, n_layer=2, n_head=4), ("attn", "v_o", "mlp")),
+    "gpt_bigcode-mha": (lambda: _cfg("GPTBigCodeConfig", n_embd=HID, n_layer=2, n_head=4, multi_query=False),
+                        ("attn", "mlp")),
+    "mpt": (lambda: _cfg("MptConfig", d_model=HID, n_layers=2, n_heads=4), ("attn", "mlp")),
+    "persimmon": (lambda: _cfg("PersimmonConfig", hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2,
+                               num_attention_heads=4), ("attn", "mlp")),
+    "xglm": (lambda: _cfg("XGLMConfig", d_model=HID, ffn_dim=FFN, num_layers=2, attention_heads=4),
+             ("attn", "v_o", "mlp")),
+    "biogpt": (lambda: _cfg("BioGptConfig", hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2,
+                            num_attention_heads=4), ("attn", "v_o", "mlp")),
 }
 
 
@@ -142,11 +166,12 @@ def _snapshot(model):
 def test_every_linear_of_every_family_is_convertible(case):
     """Each table family is built from exact nn.Linear/Conv1D, which transformers reloads as int8. (Gemma3's
     vision tower has a torch MultiheadAttention, whose out_proj is a weight MHA reads itself: stays float.)"""
-    from llmq.quantize import _linear_like, linear_names
+    from llmq.quantize import _linear_like, linear_names, with_head
 
     model, _ = _build(case)
     names = linear_names(model, ("lm_head",))
-    left = {type(m).__name__ for n, m in model.named_modules() if _linear_like(m) and n not in (*names, "lm_head")}
+    head = with_head(model, ("lm_head",))  # lm_head, or BioGPT's output_projection
+    left = {type(m).__name__ for n, m in model.named_modules() if _linear_like(m) and n not in (*names, *head)}
     assert names and left <= {"NonDynamicallyQuantizableLinear"}
 
 
