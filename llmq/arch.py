@@ -41,6 +41,7 @@ class Group:
     prev_kind: str = "norm"  # "norm": w/s, b/s; "gemma_norm": output = norm(x) * (1 + w); "linear": rows/s
     tail: bool = False  # prev is fused; only its LAST rows (v of [q|k|v], up of [gate|up]) feed the linears
     when: tuple[tuple[str, Any], ...] = ()  # (text-config attribute, required value) pairs
+    optional: bool = False  # hybrid families: only in the layers that have linears[0] (LFM2 attention vs conv)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,13 @@ ARCHS: dict[str, Arch] = {
         Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
     )),
     "jais2": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj", 0.5),  # LayerNorm, relu^2
+    "lfm2": Arch("model.layers", (  # hybrid: each layer has attention or a short convolution after operator_norm
+        Group("attn", "operator_norm", _QKV, optional=True),
+        Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear", optional=True),
+        Group("attn", "operator_norm", ("conv.in_proj",), optional=True),
+        Group("mlp", "ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
+        Group("up_down", "feed_forward.w3", ("feed_forward.w2",), "linear"),  # w2(silu(w1 x) * w3 x)
+    ), 0.8),
     "phi": Arch("model.layers", (  # parallel: one LayerNorm feeds q/k/v and fc1 -> gelu -> fc2
         Group("attn", "input_layernorm", (*_QKV, "mlp.fc1")),
         Group("v_o", "self_attn.v_proj", ("self_attn.dense",), "linear"),

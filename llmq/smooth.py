@@ -123,7 +123,16 @@ def smooth_targets(model: nn.Module, groups: Sequence[str] = GROUPS) -> list[Smo
     text_cfg = model.config.get_text_config()
     layers = _module(model, arch.layers)
     active = [g for g in arch.active_groups(text_cfg) if g.name in groups]
-    return [_resolve(model, text_cfg, f"{arch.layers}.{i}", g) for i in range(len(layers)) for g in active]
+    return [_resolve(model, text_cfg, f"{arch.layers}.{i}", g) for i in range(len(layers)) for g in active
+            if not g.optional or _has(layers[i], g.linears[0])]
+
+
+def _has(layer: nn.Module, name: str) -> bool:
+    try:
+        layer.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _reduce(target: SmoothTarget, x: torch.Tensor) -> torch.Tensor:

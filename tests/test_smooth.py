@@ -104,6 +104,7 @@ CASES = {
     "hyperclovax": (_llama_like("HyperCLOVAXConfig", pad_token_id=0, use_post_norm=True), ALL4),
     "cohere2": (_llama_like("Cohere2Config", pad_token_id=0), ("attn", "v_o", "up_down")),
     "jais2": (_llama_like("Jais2Config", pad_token_id=0), ("attn", "v_o", "mlp")),
+    "lfm2": (_llama_like("Lfm2Config", layer_types=["conv", "full_attention"]), ALL4),
     "nanochat": (_llama_like("NanoChatConfig", pad_token_id=0), ("v_o",)),
     "phi": (lambda: _cfg("PhiConfig", hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2,
                          num_attention_heads=4, qk_layernorm=True), ("attn", "v_o")),
