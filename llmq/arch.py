@@ -129,6 +129,16 @@ ARCHS: dict[str, Arch] = {
         Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
     )),
     "jais2": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj", 0.5),  # LayerNorm, relu^2
+    # hybrid, (1 + w) norms: input_layernorm feeds gated attention (q_proj also makes the output gate, which
+    # multiplies o_proj's input per channel, so v -> o stays exact) or the gated delta net's four projections
+    **dict.fromkeys(("qwen3_5", "qwen3_5_text"), Arch("model.layers", (
+        Group("attn", "input_layernorm", _QKV, "gemma_norm", optional=True),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear", optional=True),
+        Group("attn", "input_layernorm", tuple(f"linear_attn.in_proj_{x}" for x in ("qkv", "z", "b", "a")),
+              "gemma_norm", optional=True),
+        Group("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "gemma_norm"),
+        _UP_DOWN,
+    ), 0.8)),
     "lfm2": Arch("model.layers", (  # hybrid: each layer has attention or a short convolution after operator_norm
         Group("attn", "operator_norm", _QKV, optional=True),
         Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear", optional=True),

@@ -42,6 +42,10 @@ def _llama_like(name: str, **kw):
     return lambda: _cfg(name, hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2, **GQA, **kw)
 
 
+QWEN3_5 = dict(head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+               linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, pad_token_id=0)
+
+
 def _gemma3_multimodal():
     text = dict(hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2, head_dim=16, vocab_size=V, **GQA)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -104,6 +108,9 @@ CASES = {
     "hyperclovax": (_llama_like("HyperCLOVAXConfig", pad_token_id=0, use_post_norm=True), ALL4),
     "cohere2": (_llama_like("Cohere2Config", pad_token_id=0), ("attn", "v_o", "up_down")),
     "jais2": (_llama_like("Jais2Config", pad_token_id=0), ("attn", "v_o", "mlp")),
+    "qwen3_5_text": (_llama_like("Qwen3_5TextConfig", **QWEN3_5), ALL4),
+    "qwen3_5": (lambda: _cfg("Qwen3_5Config", text_config=_llama_like("Qwen3_5TextConfig", **QWEN3_5)().to_dict()),
+                ALL4),  # a Qwen3.5 checkpoint's config: AutoModelForCausalLM builds the text model from it
     "lfm2": (_llama_like("Lfm2Config", layer_types=["conv", "full_attention"]), ALL4),
     "nanochat": (_llama_like("NanoChatConfig", pad_token_id=0), ("v_o",)),
     "phi": (lambda: _cfg("PhiConfig", hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2,
