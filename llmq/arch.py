@@ -139,6 +139,18 @@ ARCHS: dict[str, Arch] = {
         Group("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "gemma_norm"),
         _UP_DOWN,
     ), 0.8)),
+    "falcon_h1": Arch("model.layers", (  # parallel hybrid: one norm feeds attention and mamba (scalar multipliers)
+        Group("attn", "input_layernorm", (*_QKV, "mamba.in_proj")), _V_O,
+        Group("mlp", "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj")),
+        Group("up_down", "feed_forward.up_proj", ("feed_forward.down_proj",), "linear"),
+    ), 0.8),
+    "bamba": Arch("model.layers", (  # hybrid: attention or mamba per layer
+        Group("attn", "input_layernorm", _QKV, optional=True),
+        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear", optional=True),
+        Group("attn", "input_layernorm", ("mamba.in_proj",), optional=True),
+        Group("mlp", "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj")),
+        Group("up_down", "feed_forward.up_proj", ("feed_forward.down_proj",), "linear"),
+    ), 0.8),
     "lfm2": Arch("model.layers", (  # hybrid: each layer has attention or a short convolution after operator_norm
         Group("attn", "operator_norm", _QKV, optional=True),
         Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear", optional=True),

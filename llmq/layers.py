@@ -21,9 +21,9 @@ class _Caught(Exception):
 class _Recorder(nn.Module):
     """Stands in for decoder layer `idx`: records its inputs, passes the hidden states through."""
 
-    def __init__(self, idx: int, inner: nn.Module, sink: list, last: bool) -> None:
+    def __init__(self, idx: int, inner: nn.Module, sink: list, last: bool, pair: list) -> None:
         super().__init__()
-        self._inner, self.idx, self.sink, self.last = [inner], idx, sink, last
+        self._inner, self.idx, self.sink, self.last, self._pair = [inner], idx, sink, last, pair
 
     def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads (e.g. attention_type)
         try:
@@ -38,7 +38,16 @@ class _Recorder(nn.Module):
         self.sink[self.idx] = (hidden if self.idx == 0 else None, args[1:], kwargs)
         if self.last:
             raise _Caught
-        return hidden  # only ever fed to the next recorder, which ignores it
+        # only ever fed to the next recorder, which ignores it; as (hidden, None) where the model's loop unpacks
+        # a layer's output as (hidden_states, attn_weights) (Bamba)
+        return (hidden, None) if self._pair[0] else hidden
+
+
+def _run_to_last(model: nn.Module, ids: torch.Tensor) -> None:
+    try:
+        model(ids, use_cache=False)
+    except _Caught:
+        pass
 
 
 def catch_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, device: torch.device,
@@ -50,15 +59,20 @@ def catch_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
     extras: list[list] = [[] for _ in range(n)]
     originals = list(layers)
     sink: list = [None] * n
+    pair = [False]
     for i in range(n):
-        layers[i] = _Recorder(i, originals[i], sink, last=i == n - 1)
+        layers[i] = _Recorder(i, originals[i], sink, last=i == n - 1, pair=pair)
     try:
         with torch.inference_mode():
             for w in range(windows.shape[0]):
+                ids = windows[w:w + 1].to(device)
                 try:
-                    model(windows[w:w + 1].to(device), use_cache=False)
-                except _Caught:
-                    pass
+                    _run_to_last(model, ids)
+                except (TypeError, ValueError):
+                    if w or pair[0]:
+                        raise
+                    pair[0] = True  # the model's loop unpacked layer 0's output: recorders return pairs
+                    _run_to_last(model, ids)
                 hidden.append(sink[0][0].to(store))
                 for i in range(n):
                     extras[i].append(sink[i][1:])

@@ -111,6 +111,10 @@ CASES = {
     "qwen3_5_text": (_llama_like("Qwen3_5TextConfig", **QWEN3_5), ALL4),
     "qwen3_5": (lambda: _cfg("Qwen3_5Config", text_config=_llama_like("Qwen3_5TextConfig", **QWEN3_5)().to_dict()),
                 ALL4),  # a Qwen3.5 checkpoint's config: AutoModelForCausalLM builds the text model from it
+    "falcon_h1": (_llama_like("FalconH1Config", head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                              mamba_n_groups=1, mamba_d_state=8, pad_token_id=0), ALL4),
+    "bamba": (_llama_like("BambaConfig", attn_layer_indices=[1], mamba_d_head=16, mamba_n_heads=8, mamba_d_state=8,
+                          pad_token_id=0), ALL4),
     "lfm2": (_llama_like("Lfm2Config", layer_types=["conv", "full_attention"]), ALL4),
     "nanochat": (_llama_like("NanoChatConfig", pad_token_id=0), ("v_o",)),
     "phi": (lambda: _cfg("PhiConfig", hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2,
