@@ -5,6 +5,7 @@ the layer loop both drivers run (`quantize_layers_`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,9 @@ class _Caught(Exception):
 class _Recorder(nn.Module):
     """Stands in for decoder layer `idx`: records its inputs, passes the hidden states through."""
 
-    def __init__(self, idx: int, inner: nn.Module, sink: list, last: bool, pair: list) -> None:
+    def __init__(self, idx: int, inner: nn.Module, sink: list, last: bool, arity: list) -> None:
         super().__init__()
-        self._inner, self.idx, self.sink, self.last, self._pair = [inner], idx, sink, last, pair
+        self._inner, self.idx, self.sink, self.last, self._arity = [inner], idx, sink, last, arity
 
     def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads (e.g. attention_type)
         try:
@@ -38,9 +39,10 @@ class _Recorder(nn.Module):
         self.sink[self.idx] = (hidden if self.idx == 0 else None, args[1:], kwargs)
         if self.last:
             raise _Caught
-        # only ever fed to the next recorder, which ignores it; as (hidden, None) where the model's loop unpacks
-        # a layer's output as (hidden_states, attn_weights) (Bamba)
-        return (hidden, None) if self._pair[0] else hidden
+        # only ever fed to the next recorder, which ignores it; as a tuple where the model's loop unpacks a
+        # layer's output (Bamba: hidden_states, attn_weights; RWKV: three)
+        n = self._arity[0]
+        return hidden if n == 1 else (hidden, *[None] * (n - 1))
 
 
 def _run_to_last(model: nn.Module, ids: torch.Tensor) -> None:
@@ -59,20 +61,23 @@ def catch_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
     extras: list[list] = [[] for _ in range(n)]
     originals = list(layers)
     sink: list = [None] * n
-    pair = [False]
+    arity = [1]
     for i in range(n):
-        layers[i] = _Recorder(i, originals[i], sink, last=i == n - 1, pair=pair)
+        layers[i] = _Recorder(i, originals[i], sink, last=i == n - 1, arity=arity)
     try:
         with torch.inference_mode():
             for w in range(windows.shape[0]):
                 ids = windows[w:w + 1].to(device)
-                try:
-                    _run_to_last(model, ids)
-                except (TypeError, ValueError):
-                    if w or pair[0]:
-                        raise
-                    pair[0] = True  # the model's loop unpacked layer 0's output: recorders return pairs
-                    _run_to_last(model, ids)
+                for attempt in range(3):
+                    try:
+                        _run_to_last(model, ids)
+                        break
+                    except (TypeError, ValueError) as e:  # the loop unpacked layer 0's output: give it a tuple
+                        k = re.search(r"expected (\d+)", str(e))
+                        k = int(k.group(1)) if k else 2
+                        if w or attempt == 2 or k == arity[0]:
+                            raise
+                        arity[0] = k
                 hidden.append(sink[0][0].to(store))
                 for i in range(n):
                     extras[i].append(sink[i][1:])
@@ -110,7 +115,7 @@ class Feed(nn.Module):
     def _run(self, h: torch.Tensor, w: int) -> torch.Tensor:
         args, kwargs = self.extras[w]
         out = self.layer[0](h.to(self.device), *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return out[0] if isinstance(out, (tuple, list)) else out  # (GPT-1's blocks return lists)
 
     def forward(self, ids: torch.Tensor, use_cache: bool = False) -> None:
         w = int(ids[0, 0])
@@ -124,7 +129,7 @@ class Feed(nn.Module):
         top = [torch.zeros((), device=self.device)]  # on the device: no sync per module
 
         def hook(module, args, out):
-            for t in out if isinstance(out, tuple) else (out,):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
                 if torch.is_tensor(t) and t.is_floating_point() and t.numel():
                     top[0] = torch.maximum(top[0], t.detach().abs().amax().float().to(top[0].device))  # keeps nan
 

@@ -264,6 +264,28 @@ def test_storage_dtype_keeps_what_from_pretrained_keeps_in_fp32():
     assert saved > 0 and model.config.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name,kw", [
+    ("OpenAIGPTConfig", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)),  # GPT-1 blocks return lists
+    ("RwkvConfig", dict(hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128,
+                        context_length=64)),  # the loop unpacks three values from each block
+])
+def test_layer_stage_runs_families_outside_the_table(name, kw):
+    """llm-int8 with GPTQ runs the per-layer stage on any family: the input catcher hands the model's loop what
+    it unpacks from a layer, and a layer's output may be a list."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, name)(vocab_size=V, **kw)).eval()
+    ids = torch.randint(3, V - 4, (4, 16), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe(calibration=Calibration(samples=4, seq_len=16), quantization=Quantization(method="llm-int8"))
+    quantize_model_(model, None, recipe, windows=ids, progress=False)
+    names = linear_names(AutoModelForCausalLM.from_config(model.config), ("lm_head",))
+    assert names and all(type(model.get_submodule(n)).__name__ == "Linear8bitLt" for n in names)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:1]).logits).all()
+
+
 def test_unsaved_buffers_get_the_dtypes_of_a_stock_reload(tmp_path):
     """Buffers not in the checkpoint are rebuilt by from_pretrained: XGLM's sinusoidal positions in the stored
     dtype, rotary inv_freq in float32. The in-memory model gets the same, so it runs as its reload does
