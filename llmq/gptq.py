@@ -22,6 +22,7 @@ GPTQ minimises ||X W^T - X Wq^T||^2 = sum_r (W_r - Wq_r) H (W_r - Wq_r)^T (`hess
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,6 +36,11 @@ INV127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant constant,
 SWEEP_ELEMENTS = 2**24  # weight copies swept at once, over all clip factors (x ~4 float32 buffers: 256 MB)
 CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.0, 0.98, ..., 0.8
 STAGE_CLIP_GRID = (1.0, 0.95, 0.9, 0.85)  # what llmq/stage.py sweeps: the sweep's cost is linear in the grid
+
+
+def _pattern(name: str) -> str:
+    """`name` with its layer index generalised: model.layers.3.mixer.dt_proj -> model.layers.\\d+.mixer.dt_proj."""
+    return re.sub(r"\.\d+\.", r".\\d+.", name, count=1)
 
 
 class Hessians:
@@ -80,7 +86,10 @@ class Hessians:
         """H of module `name`'s input (shared with the other modules of its key)."""
         key = self.key[name]
         if key not in self.sums:
-            raise NumericalError(f"no calibration input reached {name}; the forward skips it")
+            raise NumericalError(
+                f"no calibration input reached {name}: the model's forward never calls it (an unused "
+                "cross-attention) or reads its weight directly (Mamba's dt_proj), so it cannot become int8; keep it "
+                f"in 16-bit with --skip {name} (a pattern such as {_pattern(name)} covers every layer)")
         h = self.sums[key]
         if not torch.isfinite(h).all():
             raise NumericalError(f"non-finite activations (inf/nan) at the input of {name} during calibration; "

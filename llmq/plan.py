@@ -169,7 +169,8 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     h, inter = text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
     L, n = calib_seq_len, calib_samples
     calibrates = rescales(method, alpha)
-    act = L * (4 * h + 3 * inter) * d + text.num_attention_heads * L * L * d
+    heads = getattr(text, "num_attention_heads", None) or 1  # (none in Mamba, RWKV: no attention scores)
+    act = L * (4 * h + 3 * inter) * d + heads * L * L * d
     logits = L * text.vocab_size * d
     biggest_linear = max((model.get_parameter(k).numel() for k in rows), default=0) * 3  # fp16 copy + int8
     samples = 0

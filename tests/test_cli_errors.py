@@ -138,7 +138,15 @@ def _readonly_dir(root: Path) -> Path:
 def build_inputs(root: Path) -> dict[str, str]:
     """Every input of the battery, under `root`; returns the `{name}` placeholders of `CASES`."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, BertConfig, BertModel, CTRLConfig, FalconConfig, MixtralConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        BertConfig,
+        BertModel,
+        CTRLConfig,
+        FalconConfig,
+        MambaConfig,
+        MixtralConfig,
+    )
 
     from llmq.assets import model_folder, model_gguf, wiki_text_path
 
@@ -180,6 +188,8 @@ def build_inputs(root: Path) -> dict[str, str]:
     model("bigweight", big)
     model("ctrl", AutoModelForCausalLM.from_config(CTRLConfig(  # a family outside llmq/arch.py
         n_embd=64, n_layer=2, n_head=4, dff=128, vocab_size=256, n_positions=256, bos_token_id=1, eos_token_id=2)))
+    model("mamba", AutoModelForCausalLM.from_config(MambaConfig(  # dt_proj's weight is read, the module not called
+        hidden_size=64, num_hidden_layers=2, state_size=8, vocab_size=256, bos_token_id=1, eos_token_id=2)))
     model("falcon", AutoModelForCausalLM.from_config(FalconConfig(  # FalconLinear: no stock int8 reload
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, new_decoder_architecture=True,
         num_kv_heads=2, bos_token_id=1, eos_token_id=2)))
@@ -355,6 +365,9 @@ CASES = [
     Case("model-custom-code", "quantize {remote} --out {out}", "contains custom code", "--trust-remote-code"),
     Case("arch-not-in-table", T.replace("{tiny}", "{ctrl}"), "no table entry for model type 'ctrl'",
          "--method llm-int8"),
+    Case("arch-unreached-linear", T.replace("{tiny}", "{mamba}") + " --method llm-int8",
+         "no calibration input reached backbone.layers.0.mixer.dt_proj", r"--skip backbone.layers.0.mixer.dt_proj",
+         env={"TRANSFORMERS_VERBOSITY": "error"}),  # (transformers' own warnings: Mamba's kernels fall back)
     Case("arch-falcon-smoothquant", T.replace("{tiny}", "{falcon}"), "projections are FalconLinear",
          "keep this model in 16-bit"),
     Case("arch-falcon-llm-int8", T.replace("{tiny}", "{falcon}") + " --method llm-int8",
