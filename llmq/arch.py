@@ -98,7 +98,11 @@ ARCHS: dict[str, Arch] = {
                     _llama_like()),
     "hyperclovax": _llama_like(),  # its optional post-norms (use_post_norm) stay untouched
     "vaultgemma": _GEMMA2,
-    "granite": _llama_like(),  # its scalar multipliers (embedding, residual, logits) commute with smoothing
+    **dict.fromkeys(("granite", "granite_swa"), _llama_like()),  # scalar multipliers commute with smoothing
+    "diffllama": Arch("model.layers", (  # differential attention renormalises each head's output: no v -> o
+        Group("attn", "input_layernorm", _QKV),
+        Group("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UP_DOWN,
+    ), 0.8),
     "helium": _llama_like(),
     "ernie4_5": _llama_like(),
     "seed_oss": _llama_like(),
@@ -112,6 +116,7 @@ ARCHS: dict[str, Arch] = {
     ), 0.8)),
     "nanochat": Arch("model.layers", (_V_O,), 0.8),  # weightless norms, ungated MLP: only v -> o
     "arcee": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj"),  # up -> relu^2 -> down
+    "apertus1p5_text": _ungated("attention_layernorm", "feedforward_layernorm", "mlp.up_proj"),
     "apertus": _ungated("attention_layernorm", "feedforward_layernorm", "mlp.up_proj"),  # up -> xIELU -> down
     "stablelm": Arch("model.layers", (  # LayerNorm (weight and bias); parallel: one norm feeds attn and MLP
         Group("attn", "input_layernorm", _QKV, when=(("use_parallel_residual", False),)),

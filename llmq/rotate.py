@@ -30,9 +30,9 @@ from .smooth import smooth_targets
 
 log = logging.getLogger(__name__)
 
-ROTATABLE = ("cwm", "ernie4_5", "exaone", "gemma", "glm", "granite", "helium", "hunyuan_v1_dense", "internlm3",
-             "iquestcoder", "llama", "ministral", "ministral3", "mistral", "phi3", "qwen2", "qwen3", "seed_oss",
-             "smollm3", "vaultgemma")
+ROTATABLE = ("cwm", "ernie4_5", "exaone", "gemma", "glm", "granite", "granite_swa", "helium", "hunyuan_v1_dense",
+             "internlm3", "iquestcoder", "llama", "ministral", "ministral3", "mistral", "phi3", "qwen2",
+             "qwen3", "seed_oss", "smollm3", "vaultgemma")
 _CHUNK = 4096  # rows (or columns) of a weight rotated at once in float64
 
 
