@@ -133,6 +133,10 @@ ARCHS: dict[str, Arch] = {
     "cohere2": Arch("model.layers", (
         Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
     )),
+    "nemotron": Arch("model.layers", (  # LayerNorm1P: weight + 1 (as Gemma) and a bias; ungated relu^2 MLP
+        Group("attn", "input_layernorm", _QKV, "gemma_norm"), _V_O,
+        Group("mlp", "post_attention_layernorm", ("mlp.up_proj",), "gemma_norm"),
+    ), 0.5),
     "jais2": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj", 0.5),  # LayerNorm, relu^2
     # hybrid, (1 + w) norms: input_layernorm feeds gated attention (q_proj also makes the output gate, which
     # multiplies o_proj's input per channel, so v -> o stays exact) or the gated delta net's four projections

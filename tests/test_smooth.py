@@ -107,6 +107,7 @@ CASES = {
         ("ministral3", "Ministral3Config"), ("vaultgemma", "VaultGemmaConfig"))},
     "hyperclovax": (_llama_like("HyperCLOVAXConfig", pad_token_id=0, use_post_norm=True), ALL4),
     "cohere2": (_llama_like("Cohere2Config", pad_token_id=0), ("attn", "v_o", "up_down")),
+    "nemotron": (_llama_like("NemotronConfig", head_dim=16, pad_token_id=0), ("attn", "v_o", "mlp")),
     "jais2": (_llama_like("Jais2Config", pad_token_id=0), ("attn", "v_o", "mlp")),
     "qwen3_5_text": (_llama_like("Qwen3_5TextConfig", **QWEN3_5), ALL4),
     "qwen3_5": (lambda: _cfg("Qwen3_5Config", text_config=_llama_like("Qwen3_5TextConfig", **QWEN3_5)().to_dict()),
