@@ -25,7 +25,7 @@ whose type is exactly nn.Linear, or Conv1D (transformers/integrations/bitsandbyt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UnsupportedArchitecture
@@ -58,6 +58,8 @@ class Arch:
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _V_O = Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear")
 _UP_DOWN = Group("up_down", "mlp.up_proj", ("mlp.down_proj",), "linear")
+_V_O_OPTIONAL = replace(_V_O, optional=True)  # hybrids: only in the attention layers
+_FF_UP_DOWN = Group("up_down", "feed_forward.up_proj", ("feed_forward.down_proj",), "linear")  # falcon_h1, bamba
 
 
 def _llama_like(layers: str = "model.layers", norm: str = "norm", mlp_norm: str = "post_attention_layernorm",
@@ -116,8 +118,8 @@ ARCHS: dict[str, Arch] = {
     ), 0.8)),
     "nanochat": Arch("model.layers", (_V_O,), 0.8),  # weightless norms, ungated MLP: only v -> o
     "arcee": _ungated("input_layernorm", "post_attention_layernorm", "mlp.up_proj"),  # up -> relu^2 -> down
-    "apertus1p5_text": _ungated("attention_layernorm", "feedforward_layernorm", "mlp.up_proj"),
-    "apertus": _ungated("attention_layernorm", "feedforward_layernorm", "mlp.up_proj"),  # up -> xIELU -> down
+    **dict.fromkeys(("apertus", "apertus1p5_text"),  # up -> xIELU -> down
+                    _ungated("attention_layernorm", "feedforward_layernorm", "mlp.up_proj")),
     "stablelm": Arch("model.layers", (  # LayerNorm (weight and bias); parallel: one norm feeds attn and MLP
         Group("attn", "input_layernorm", _QKV, when=(("use_parallel_residual", False),)),
         Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj"),
@@ -127,12 +129,9 @@ ARCHS: dict[str, Arch] = {
               when=(("use_parallel_residual", False),)),
         _UP_DOWN,
     )),
-    "cohere": Arch("model.layers", (  # parallel: one LayerNorm (no bias) feeds attention and the MLP
+    **dict.fromkeys(("cohere", "cohere2"), Arch("model.layers", (  # parallel: one bias-free LayerNorm feeds both
         Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
-    )),
-    "cohere2": Arch("model.layers", (
-        Group("attn", "input_layernorm", (*_QKV, "mlp.gate_proj", "mlp.up_proj")), _V_O, _UP_DOWN,
-    )),
+    ))),
     "nemotron": Arch("model.layers", (  # LayerNorm1P: weight + 1 (as Gemma) and a bias; ungated relu^2 MLP
         Group("attn", "input_layernorm", _QKV, "gemma_norm"), _V_O,
         Group("mlp", "post_attention_layernorm", ("mlp.up_proj",), "gemma_norm"),
@@ -142,7 +141,7 @@ ARCHS: dict[str, Arch] = {
     # multiplies o_proj's input per channel, so v -> o stays exact) or the gated delta net's four projections
     **dict.fromkeys(("qwen3_5", "qwen3_5_text"), Arch("model.layers", (
         Group("attn", "input_layernorm", _QKV, "gemma_norm", optional=True),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear", optional=True),
+        _V_O_OPTIONAL,
         Group("attn", "input_layernorm", tuple(f"linear_attn.in_proj_{x}" for x in ("qkv", "z", "b", "a")),
               "gemma_norm", optional=True),
         Group("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "gemma_norm"),
@@ -151,14 +150,14 @@ ARCHS: dict[str, Arch] = {
     "falcon_h1": Arch("model.layers", (  # parallel hybrid: one norm feeds attention and mamba (scalar multipliers)
         Group("attn", "input_layernorm", (*_QKV, "mamba.in_proj")), _V_O,
         Group("mlp", "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj")),
-        Group("up_down", "feed_forward.up_proj", ("feed_forward.down_proj",), "linear"),
+        _FF_UP_DOWN,
     ), 0.8),
     "bamba": Arch("model.layers", (  # hybrid: attention or mamba per layer
         Group("attn", "input_layernorm", _QKV, optional=True),
-        Group("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "linear", optional=True),
+        _V_O_OPTIONAL,
         Group("attn", "input_layernorm", ("mamba.in_proj",), optional=True),
         Group("mlp", "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj")),
-        Group("up_down", "feed_forward.up_proj", ("feed_forward.down_proj",), "linear"),
+        _FF_UP_DOWN,
     ), 0.8),
     "lfm2": Arch("model.layers", (  # hybrid: each layer has attention or a short convolution after operator_norm
         Group("attn", "operator_norm", _QKV, optional=True),
