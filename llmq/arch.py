@@ -42,6 +42,7 @@ class Group:
     tail: bool = False  # prev is fused; only its LAST rows (v of [q|k|v], up of [gate|up]) feed the linears
     when: tuple[tuple[str, Any], ...] = ()  # (text-config attribute, required value) pairs
     optional: bool = False  # hybrid families: only in the layers that have linears[0] (LFM2 attention vs conv)
+    partial: bool = False  # linears a layer lacks are left out (Gemma 4: KV-shared layers have q_proj alone)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ def _ungated(attn_norm: str, mlp_norm: str, up: str, alpha: float = 0.8) -> Arch
 
 
 _GEMMA2 = _llama_like(norm="gemma_norm", mlp_norm="pre_feedforward_layernorm")  # post_* norms stay untouched
+# Gemma 4: plain-weight norms; KV-shared layers have q_proj alone, attention_k_eq_v layers no v_proj (v is k's
+# output); no v -> o (v_norm renormalises each head of v); the per-layer-input gate reads the residual stream
+_GEMMA4 = ((Group("attn", "input_layernorm", _QKV, partial=True),
+            Group("mlp", "pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UP_DOWN), 0.8)
 _OPT_PRE_LN = (("do_layer_norm_before", True), ("layer_norm_elementwise_affine", True))
 _GLM = Arch("model.layers", (  # q/k/v apart, MLP fused [gate|up] as in phi3; glm4's post-norms stay untouched
     Group("attn", "input_layernorm", _QKV),
@@ -100,6 +105,8 @@ ARCHS: dict[str, Arch] = {
                     _llama_like()),
     "hyperclovax": _llama_like(),  # its optional post-norms (use_post_norm) stay untouched
     "vaultgemma": _GEMMA2,
+    "gemma4_text": Arch("model.layers", *_GEMMA4),
+    "gemma4": Arch("model.language_model.layers", *_GEMMA4),
     **dict.fromkeys(("granite", "granite_swa"), _llama_like()),  # scalar multipliers commute with smoothing
     "diffllama": Arch("model.layers", (  # differential attention renormalises each head's output: no v -> o
         Group("attn", "input_layernorm", _QKV),
@@ -165,6 +172,13 @@ ARCHS: dict[str, Arch] = {
         Group("attn", "operator_norm", ("conv.in_proj",), optional=True),
         Group("mlp", "ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
         Group("up_down", "feed_forward.w3", ("feed_forward.w2",), "linear"),  # w2(silu(w1 x) * w3 x)
+    ), 0.8),
+    "lfm3": Arch("model.layers", (  # as lfm2, with o_proj, optional sandwich norms (untouched) and an optional
+        Group("attn", "operator_norm", (*_QKV, "self_attn.g_proj"), optional=True, partial=True),  # per-head gate
+        _V_O_OPTIONAL,  # sigmoid(g_proj) scales each head's output: v -> o stays exact
+        Group("attn", "operator_norm", ("conv.in_proj",), optional=True),
+        Group("mlp", "ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
+        Group("up_down", "feed_forward.w3", ("feed_forward.w2",), "linear"),
     ), 0.8),
     "phi": Arch("model.layers", (  # parallel: one LayerNorm feeds q/k/v and fc1 -> gelu -> fc2
         Group("attn", "input_layernorm", (*_QKV, "mlp.fc1")),
@@ -264,16 +278,20 @@ def get_arch(model_type: str) -> Arch:
 
 def layers_path(model: Any) -> str:
     """The dotted path of the decoder layers' ModuleList: the table's entry, else the largest ModuleList with
-    num_hidden_layers entries (llm-int8 / weight-only work on families outside the table)."""
+    as many entries as the config has decoder layers (num_hidden_layers; decoder_layers where a causal decoder
+    comes from an encoder-decoder config, as BlenderBot's): llm-int8 / weight-only work outside the table."""
     from torch import nn
 
     arch = ARCHS.get(model.config.model_type)
     if arch is not None:
         return arch.layers
-    n = model.config.get_text_config().num_hidden_layers
+    cfg = model.config.get_text_config()
+    counts = {getattr(cfg, k, None) for k in ("num_hidden_layers", "decoder_layers")} - {None}
     lists = [(sum(p.numel() for p in m.parameters()), name) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) == n]
+             if isinstance(m, nn.ModuleList) and len(m) in counts]
     if not lists:
-        raise UnsupportedArchitecture(f"cannot find the {n} decoder layers of this {model.config.model_type} "
-                                      "model; quantize it without --sequential")
+        raise UnsupportedArchitecture(
+            f"cannot find the {cfg.num_hidden_layers} decoder layers of this {model.config.model_type} model, "
+            "which GPTQ, smoothing, --max-kl and --sequential work through one by one; quantize it in memory "
+            "with --method llm-int8 --no-gptq (round-to-nearest weights)")
     return max(lists)[1]

@@ -122,8 +122,8 @@ def linear_names(model, skip: tuple[str, ...] = ()) -> list[str]:
         elif _linear_like(m):
             left[type(m).__name__] += m.weight.numel()
         elif not isinstance(m, (torch.nn.Embedding, torch.nn.modules.conv._ConvNd)):
-            for p in m.parameters(recurse=False):  # fused MoE experts: [experts, out, in] parameters
-                if p.ndim >= 3 and p.is_floating_point():
+            for pn, p in m.named_parameters(recurse=False):  # fused MoE experts: [experts, out, in] parameters
+                if p.ndim >= 3 and p.is_floating_point() and "embed" not in pn:  # (not Gemma 4's position table)
                     left[f"{type(m).__name__}'s {p.ndim}-D weights"] += p.numel()
     total = done + sum(left.values())
     kinds = ", ".join(f"{k} ({v / total:.0%} of the linear weights)" for k, v in left.most_common())

@@ -91,7 +91,8 @@ def _resolve(model: nn.Module, text_cfg, base: str, g: Group) -> SmoothTarget:
     prev = _module(model, f"{base}.{g.prev}")
     if getattr(prev, "weight", None) is None:
         raise UnsupportedArchitecture(f"{base}.{g.prev} has no weight to divide by s; fix llmq/arch.py")
-    names = tuple(f"{base}.{n}" for n in g.linears)
+    names = tuple(f"{base}.{n}" for n in g.linears
+                  if not g.partial or n == g.linears[0] or _has(model.get_submodule(base), n))
     in_dims = {linear_weight(_module(model, n)).shape[1] for n in names}
     if len(in_dims) != 1:
         raise UnsupportedArchitecture(f"{names} have input sizes {sorted(in_dims)}, expected one size; "

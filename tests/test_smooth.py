@@ -56,6 +56,23 @@ def _gemma3_multimodal():
                                      image_token_index=V - 1, boi_token_index=V - 3, eoi_token_index=V - 2)
 
 
+GEMMA4 = dict(hidden_size=HID, intermediate_size=FFN, num_hidden_layers=4, **GQA, head_dim=16, pad_token_id=0,
+              vocab_size_per_layer_input=V, hidden_size_per_layer_input=16, num_kv_shared_layers=2,
+              layer_types=["sliding_attention", "full_attention"] * 2)  # layers 2, 3 share KV
+
+
+def _gemma4(**kw):
+    return lambda: _cfg("Gemma4TextConfig", **{**GEMMA4, **kw})
+
+
+def _gemma4_multimodal():
+    import transformers
+
+    return transformers.Gemma4Config(text_config=_gemma4()().to_dict(), audio_config=None,
+                                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                        num_attention_heads=2))
+
+
 def _opt(pre_ln: bool):
     return lambda: _cfg("OPTConfig", hidden_size=HID, ffn_dim=FFN, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=HID, do_layer_norm_before=pre_ln)
@@ -122,6 +139,12 @@ CASES = {
     "diffllama": (_llama_like("DiffLlamaConfig", pad_token_id=0), ("attn", "mlp", "up_down")),
     "apertus1p5_text": (_llama_like("Apertus1p5TextConfig", pad_token_id=0), ("attn", "v_o", "mlp")),
     "nanochat": (_llama_like("NanoChatConfig", pad_token_id=0), ("v_o",)),
+    **{case: (_llama_like("Lfm3Config", head_dim=16, layer_types=["conv", "full_attention"], pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, use_attention_gate=gate), ALL4)
+       for case, gate in (("lfm3", True), ("lfm3-no-gate", False))},
+    "gemma4_text": (_gemma4(), ("attn", "mlp", "up_down")),  # KV-shared layers: attn is q_proj alone
+    "gemma4_text-k-eq-v": (_gemma4(attention_k_eq_v=True), ("attn", "mlp", "up_down")),  # full layers: no v_proj
+    "gemma4": (_gemma4_multimodal, ("attn", "mlp", "up_down")),
     "phi": (lambda: _cfg("PhiConfig", hidden_size=HID, intermediate_size=FFN, num_hidden_layers=2,
                          num_attention_heads=4, qk_layernorm=True), ("attn", "v_o")),
     "gptj": (lambda: _cfg("GPTJConfig", n_embd=HID, n_layer=2, n_head=4, rotary_dim=8), ("attn", "v_o")),
