@@ -5,7 +5,6 @@ the layer loop both drivers run (`quantize_layers_`)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +19,13 @@ class _Caught(Exception):
 
 
 class _Recorder(nn.Module):
-    """Stands in for decoder layer `idx`: records its inputs, passes the hidden states through."""
+    """Stands in for decoder layer `idx`: records its inputs and hands the model's loop what the real layer 0
+    returned on the first window (`out`, shared by all recorders), so the loop unpacks or indexes it as it
+    does a real layer's output (BLOOM's `outputs[0]`, Bamba's two values, RWKV's three, GPT-1's lists)."""
 
-    def __init__(self, idx: int, inner: nn.Module, sink: list, last: bool, arity: list) -> None:
+    def __init__(self, idx: int, inner: nn.Module, sink: list, last: bool, out: list) -> None:
         super().__init__()
-        self._inner, self.idx, self.sink, self.last, self._arity = [inner], idx, sink, last, arity
+        self._inner, self.idx, self.sink, self.last, self._out = [inner], idx, sink, last, out
 
     def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads (e.g. attention_type)
         try:
@@ -39,10 +40,9 @@ class _Recorder(nn.Module):
         self.sink[self.idx] = (hidden if self.idx == 0 else None, args[1:], kwargs)
         if self.last:
             raise _Caught
-        # only ever fed to the next recorder, which ignores it; as a tuple where the model's loop unpacks a
-        # layer's output (Bamba: hidden_states, attn_weights; RWKV: three)
-        n = self._arity[0]
-        return hidden if n == 1 else (hidden, *[None] * (n - 1))
+        if not self._out:  # the next recorder ignores its input; only the output's structure matters
+            self._out.append(self._inner[0](hidden, *args[1:], **kwargs))
+        return self._out[0]
 
 
 def _run_to_last(model: nn.Module, ids: torch.Tensor) -> None:
@@ -61,23 +61,13 @@ def catch_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
     extras: list[list] = [[] for _ in range(n)]
     originals = list(layers)
     sink: list = [None] * n
-    arity = [1]
+    out: list = []
     for i in range(n):
-        layers[i] = _Recorder(i, originals[i], sink, last=i == n - 1, arity=arity)
+        layers[i] = _Recorder(i, originals[i], sink, last=i == n - 1, out=out)
     try:
         with torch.inference_mode():
             for w in range(windows.shape[0]):
-                ids = windows[w:w + 1].to(device)
-                for attempt in range(3):
-                    try:
-                        _run_to_last(model, ids)
-                        break
-                    except (TypeError, ValueError) as e:  # the loop unpacked layer 0's output: give it a tuple
-                        k = re.search(r"expected (\d+)", str(e))
-                        k = int(k.group(1)) if k else 2
-                        if w or attempt == 2 or k == arity[0]:
-                            raise
-                        arity[0] = k
+                _run_to_last(model, windows[w:w + 1].to(device))
                 hidden.append(sink[0][0].to(store))
                 for i in range(n):
                     extras[i].append(sink[i][1:])

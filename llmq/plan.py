@@ -17,8 +17,9 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   (what it can put back), the float reference, and its float32 log-probabilities on the ranking windows
   (rank_windows * L * vocab * 4: 0.2 GB for SmolLM2, 1.1 GB for Gemma 3's 262k vocabulary).
 - sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
-  window's working set + the larger of (the non-layer weights but the head, while the layer inputs are
-  caught) and (the largest float layer + its int8 copy, in the layer loop). llm-int8 / weight-only do not
+  window's working set + the larger of (the non-layer weights but the head, and layer 0, which the catcher
+  runs once, while the layer inputs are caught) and (the largest float layer + its int8 copy, in the layer
+  loop). llm-int8 / weight-only do not
   calibrate: one layer, float + int8. On a GPU, CPU memory holds a layer in transit
   (`sequential_host_bytes`); unchanged non-layer tensors are copied file to file, never loaded.
 These are estimates (allocator slack, CUDA context and Python are not counted): leave ~10% headroom.
@@ -191,9 +192,10 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     # alpha 0 needs no maxima: only window 0 passes through the layers, for the fp16 range check
     hidden = (n if alpha == "auto" or float(alpha) != 0 else 1) * L * h * d if calibrates else 0
     big = max(range(n_layers), key=lambda i: layer_fp[i] + layer_q[i])
-    # catching the layer inputs needs the non-layer weights but the head; the layer loop one layer, in
-    # float and int8; both hold the hidden states. Without calibration only the layer loop runs.
-    phase = max(non_layer - head_b, layer_fp[big] + layer_q[big]) if calibrates else layer_fp[big] + layer_q[big]
+    # catching the layer inputs needs the non-layer weights but the head, and layer 0; the layer loop one
+    # layer, in float and int8; both hold the hidden states. Without calibration only the layer loop runs.
+    loop = layer_fp[big] + layer_q[big]
+    phase = max(non_layer - head_b + layer_fp[0], loop) if calibrates else loop
     seq_device = phase + (hidden + act + L * h * d if calibrates else 0)
     seq_host = layer_fp[big]  # a layer read on CPU on its way to the GPU; the head is never read
     budget = max_memory.get(key) if max_memory else None

@@ -117,9 +117,10 @@ def _catch_inputs_(job: _Job, store: torch.device) -> None:
     if job.device.type != "cpu":  # the head is never run here: it stays on CPU
         head = [n for n, m in job.model.named_modules() if m is job.model.get_output_embeddings()]
         _place_(job.model, [job.path, *head], job.device)
-    job.hidden, job.extras = catch_inputs(job.model, job.layers, job.windows, job.device, store)
     if job.storage is None:  # auto's range counts the non-layer weights (the layers are still meta here)
         job.weight_max = max(job.weight_max, value_max(job.model))
+    _load_layer(job, 0)  # the catcher runs layer 0 once, to hand the model's loop what a layer returns
+    job.hidden, job.extras = catch_inputs(job.model, job.layers, job.windows, job.device, store)
     params = dict(job.model.named_parameters(remove_duplicate=False))
     for k in job.outside():
         if k in params or k in job.kmap:
@@ -129,6 +130,8 @@ def _catch_inputs_(job: _Job, store: torch.device) -> None:
 
 def _load_layer(job: _Job, i: int) -> None:
     prefix = f"{job.path}.{i}."
+    if not any(p.is_meta for p in job.layers[i].parameters()):
+        return  # layer 0, loaded for the catcher
     shards.load_tensors_(job.model, [k for k in job.model.state_dict(keep_vars=True) if k.startswith(prefix)],
                          job.kmap)
     missing = job.missing(job.layers[i], prefix)

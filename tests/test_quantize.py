@@ -286,6 +286,56 @@ def test_layer_stage_runs_families_outside_the_table(name, kw):
         assert torch.isfinite(model(ids[:1]).logits).all()
 
 
+def _six_layers(case: str):
+    import transformers
+    from test_smooth import _cfg, _gemma4
+
+    gemma4 = dict(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3, num_kv_shared_layers=3)
+    return {
+        "llama": lambda: _cfg("LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                              num_attention_heads=4, num_key_value_heads=2),
+        "bloom": lambda: _cfg("BloomConfig", hidden_size=64, n_layer=6, n_head=4),
+        "gpt2": lambda: _cfg("GPT2Config", n_embd=64, n_layer=6, n_head=4),
+        "gemma4_text": _gemma4(**gemma4),
+        "gemma4_text-k-eq-v": _gemma4(attention_k_eq_v=True, **gemma4),
+        "openai-gpt": lambda: transformers.OpenAIGPTConfig(vocab_size=V, n_embd=64, n_layer=6, n_head=4,
+                                                           n_positions=64),
+        "rwkv": lambda: transformers.RwkvConfig(vocab_size=V, hidden_size=64, num_hidden_layers=6,
+                                                attention_hidden_size=64, intermediate_size=128, context_length=64),
+    }[case]()
+
+
+@pytest.mark.parametrize("case", ["llama", "bloom", "gpt2", "gemma4_text", "gemma4_text-k-eq-v", "openai-gpt", "rwkv"])
+def test_layer_by_layer_float_pass_equals_the_models_own(case):
+    """The per-layer stage's inputs: the catcher's layer-0 inputs and per-layer extras, run layer by layer
+    (Feed.advance_), give each window the very output the whole model's last layer gives. With 6 layers: BLOOM's
+    loop indexes `outputs[0]`, which a bare tensor from the catcher survived for 4 layers and then crashed on
+    (every GPTQ or auto run of a real BLOOM); Gemma 4's KV-shared layers read the keys and values an earlier layer
+    stored for the same window."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.arch import layers_path
+    from llmq.layers import Feed, catch_inputs
+
+    cfg = _six_layers(case)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    layers = model.get_submodule(layers_path(model))
+    assert len(layers) == 6
+    ids = torch.randint(3, V - 4, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = []
+    hook = layers[-1].register_forward_hook(lambda m, a, o: ref.append(o[0] if isinstance(o, (tuple, list)) else o))
+    with torch.no_grad():
+        for w in range(2):
+            model(ids[w:w + 1], use_cache=False)
+    hook.remove()
+    hidden, extras = catch_inputs(model, layers, ids, torch.device("cpu"), torch.device("cpu"))
+    for i in range(6):
+        Feed(f"{layers_path(model)}.{i}", layers[i], hidden, extras[i], torch.device("cpu")).advance_()
+    for ours, theirs in zip(hidden, ref, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_unsaved_buffers_get_the_dtypes_of_a_stock_reload(tmp_path):
     """Buffers not in the checkpoint are rebuilt by from_pretrained: XGLM's sinusoidal positions in the stored
     dtype, rotary inv_freq in float32. The in-memory model gets the same, so it runs as its reload does
