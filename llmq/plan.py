@@ -19,9 +19,8 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
 - sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
   window's working set + the larger of (the non-layer weights but the head, and layer 0, which the catcher
   runs once, while the layer inputs are caught) and (the largest float layer + its int8 copy, in the layer
-  loop). llm-int8 / weight-only do not
-  calibrate: one layer, float + int8. On a GPU, CPU memory holds a layer in transit
-  (`sequential_host_bytes`); unchanged non-layer tensors are copied file to file, never loaded.
+  loop). llm-int8 / weight-only do not calibrate: one layer, float + int8. On a GPU, CPU memory holds a
+  layer in transit (`sequential_host_bytes`); unchanged non-layer tensors are copied file to file, never loaded.
 These are estimates (allocator slack, CUDA context and Python are not counted): leave ~10% headroom.
 """
 
