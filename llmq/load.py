@@ -87,6 +87,8 @@ def load_config(model: str, trust_remote_code: bool = False):
 
 
 def _explain(model: str, e: BaseException, trust_remote_code: bool) -> str:
+    if isinstance(e, ImportError):  # a family that needs an optional package (Gemma 3n's vision tower: timm)
+        return _missing_package(model, e)
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "trust_remote_code" in str(e) and not trust_remote_code:
         return (f"{model!r} contains custom code; it is only run if you pass --trust-remote-code "
@@ -95,6 +97,10 @@ def _explain(model: str, e: BaseException, trust_remote_code: bool) -> str:
         return f"{model!r} is not a causal language model supported by transformers: {msg}"
     return (f"cannot load {model!r}: {msg[:300]}; the checkpoint may be incomplete or damaged: re-download or "
             "re-export it")
+
+
+def _missing_package(what: str, e: ImportError) -> str:
+    return f"cannot build {what}: {' '.join(str(e).split())[:300] or 'a package it needs is not installed'}"
 
 
 def check_causal(config, model: str) -> None:
@@ -201,7 +207,10 @@ def skeleton(config, *, dtype: torch.dtype | None = None, trust_remote_code: boo
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ImportError as e:
+            raise ModelLoadError(_missing_package(f"this {config.model_type} model", e)) from None
     model.tie_weights()
     model.eval()
     return model

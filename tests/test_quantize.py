@@ -121,6 +121,34 @@ def _subclass_(model, names):
         setattr(model.get_submodule(parent), child, new)
 
 
+def test_a_family_needing_a_missing_package_is_a_one_line_error(tmp_path, monkeypatch):
+    """Gemma 3n builds its vision tower through timm; without it transformers raises a multi-line ImportError,
+    which was a traceback (llmq plan / quantize build the model's skeleton first). Now: one line, naming the
+    package and how to install it."""
+    import transformers
+    from conftest import tiny_llama, tiny_tokenizer
+
+    from llmq.errors import ModelLoadError
+    from llmq.load import load, skeleton
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+
+    def missing(*args, **kwargs):
+        raise ImportError("\nTimmWrapperModel requires the timm library but it was not found in your environment. "
+                          "You can install it with pip:\n`pip install timm`.\n")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", missing)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
+    for call in (lambda: skeleton(model.config), lambda: load(str(tmp_path))):
+        with pytest.raises(ModelLoadError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and "requires the timm library" in msg and "`pip install timm`" in msg
+        assert "damaged" not in msg
+
+
 def test_linear_subclasses_left_out_are_an_error_or_a_warning(caplog):
     """The general guard (no family knowledge): linears quantize_ cannot convert are counted by weight."""
     from llmq.errors import UnsupportedArchitecture
