@@ -364,6 +364,26 @@ def test_layer_by_layer_float_pass_equals_the_models_own(case):
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_a_second_stream_between_layers_is_refused_not_replayed_stale():
+    """ZAYA's layers return (hidden, router states) and each takes the previous layer's router states: the stage's
+    feed carries hidden states alone, so it would replay the first window's layer-0 router states to every layer
+    (a silent miscalibration: the float pass differed from the model's own by 1.8e-2). The catcher refuses."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from llmq.errors import UnsupportedArchitecture
+    from llmq.layers import catch_inputs
+
+    cfg = transformers.ZayaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                  num_experts_per_tok=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, V - 4, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedArchitecture, match="pass state to the next layer"):
+        catch_inputs(model, model.model.layers, ids, torch.device("cpu"), torch.device("cpu"))
+
+
 def test_unsaved_buffers_get_the_dtypes_of_a_stock_reload(tmp_path):
     """Buffers not in the checkpoint are rebuilt by from_pretrained: XGLM's sinusoidal positions in the stored
     dtype, rotary inv_freq in float32. The in-memory model gets the same, so it runs as its reload does
