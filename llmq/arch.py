@@ -83,6 +83,11 @@ _GEMMA2 = _llama_like(norm="gemma_norm", mlp_norm="pre_feedforward_layernorm")  
 # output); no v -> o (v_norm renormalises each head of v); the per-layer-input gate reads the residual stream
 _GEMMA4 = ((Group("attn", "input_layernorm", _QKV, partial=True),
             Group("mlp", "pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UP_DOWN), 0.8)
+_LFM_CONV_MLP = (  # LFM2 / LFM3: the short convolution's in_proj, then w2(silu(w1 x) * w3 x)
+    Group("attn", "operator_norm", ("conv.in_proj",), optional=True),
+    Group("mlp", "ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
+    Group("up_down", "feed_forward.w3", ("feed_forward.w2",), "linear"),
+)
 _OPT_PRE_LN = (("do_layer_norm_before", True), ("layer_norm_elementwise_affine", True))
 _GLM = Arch("model.layers", (  # q/k/v apart, MLP fused [gate|up] as in phi3; glm4's post-norms stay untouched
     Group("attn", "input_layernorm", _QKV),
@@ -168,17 +173,11 @@ ARCHS: dict[str, Arch] = {
     ), 0.8),
     "lfm2": Arch("model.layers", (  # hybrid: each layer has attention or a short convolution after operator_norm
         Group("attn", "operator_norm", _QKV, optional=True),
-        Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear", optional=True),
-        Group("attn", "operator_norm", ("conv.in_proj",), optional=True),
-        Group("mlp", "ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
-        Group("up_down", "feed_forward.w3", ("feed_forward.w2",), "linear"),  # w2(silu(w1 x) * w3 x)
+        Group("v_o", "self_attn.v_proj", ("self_attn.out_proj",), "linear", optional=True), *_LFM_CONV_MLP,
     ), 0.8),
     "lfm3": Arch("model.layers", (  # as lfm2, with o_proj, optional sandwich norms (untouched) and an optional
         Group("attn", "operator_norm", (*_QKV, "self_attn.g_proj"), optional=True, partial=True),  # per-head gate
-        _V_O_OPTIONAL,  # sigmoid(g_proj) scales each head's output: v -> o stays exact
-        Group("attn", "operator_norm", ("conv.in_proj",), optional=True),
-        Group("mlp", "ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
-        Group("up_down", "feed_forward.w3", ("feed_forward.w2",), "linear"),
+        _V_O_OPTIONAL, *_LFM_CONV_MLP,  # sigmoid(g_proj) scales each head's output: v -> o stays exact
     ), 0.8),
     "phi": Arch("model.layers", (  # parallel: one LayerNorm feeds q/k/v and fc1 -> gelu -> fc2
         Group("attn", "input_layernorm", (*_QKV, "mlp.fc1")),

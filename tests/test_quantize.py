@@ -315,7 +315,6 @@ def test_layer_stage_runs_families_outside_the_table(name, kw):
 
 
 def _six_layers(case: str):
-    import transformers
     from test_smooth import _cfg, _gemma4
 
     gemma4 = dict(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3, num_kv_shared_layers=3)
@@ -326,10 +325,9 @@ def _six_layers(case: str):
         "gpt2": lambda: _cfg("GPT2Config", n_embd=64, n_layer=6, n_head=4),
         "gemma4_text": _gemma4(**gemma4),
         "gemma4_text-k-eq-v": _gemma4(attention_k_eq_v=True, **gemma4),
-        "openai-gpt": lambda: transformers.OpenAIGPTConfig(vocab_size=V, n_embd=64, n_layer=6, n_head=4,
-                                                           n_positions=64),
-        "rwkv": lambda: transformers.RwkvConfig(vocab_size=V, hidden_size=64, num_hidden_layers=6,
-                                                attention_hidden_size=64, intermediate_size=128, context_length=64),
+        "openai-gpt": lambda: _cfg("OpenAIGPTConfig", n_embd=64, n_layer=6, n_head=4, n_positions=64),
+        "rwkv": lambda: _cfg("RwkvConfig", hidden_size=64, num_hidden_layers=6, attention_hidden_size=64,
+                             intermediate_size=128, context_length=64),
     }[case]()
 
 
