@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import UnsupportedArchitecture
+from .errors import WITHOUT_LAYER_STAGE, UnsupportedArchitecture
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,5 @@ def layers_path(model: Any) -> str:
     if not lists:
         raise UnsupportedArchitecture(
             f"cannot find the {cfg.num_hidden_layers} decoder layers of this {model.config.model_type} model, "
-            "which GPTQ, smoothing, --max-kl and --sequential work through one by one; quantize it in memory "
-            "with --method llm-int8 --no-gptq (round-to-nearest weights)")
+            f"which GPTQ, smoothing, --max-kl and --sequential work through one by one; {WITHOUT_LAYER_STAGE}")
     return max(lists)[1]

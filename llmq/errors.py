@@ -1,6 +1,11 @@
 """One exception type per kind of user error. The CLI prints them as one line and exits with code 2."""
 
 
+# what still works on a model the per-layer stage (llmq/layers.py: GPTQ, smoothing, --max-kl, --sequential)
+# cannot drive: the end of both refusals' messages
+WITHOUT_LAYER_STAGE = "quantize it in memory with --method llm-int8 --no-gptq (round-to-nearest weights)"
+
+
 class LlmqError(Exception):
     """Base class of every error a user can cause and fix. `str(err)` is the one-line message."""
 

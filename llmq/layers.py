@@ -81,7 +81,7 @@ def catch_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
 def _check_no_carried_state(out: list, extras: list[list]) -> None:
     """A layer whose output besides the hidden states is an input of the next (ZAYA's router states) carries a
     second stream that the stage's feed, which passes hidden states alone, would replay stale: refuse it."""
-    from .errors import UnsupportedArchitecture
+    from .errors import WITHOUT_LAYER_STAGE, UnsupportedArchitecture
 
     args0, kwargs0 = extras[0][0] if extras and extras[0] else ((), {})
     given = (*args0, *kwargs0.values())  # what layer 0 passes through unchanged is not its own state
@@ -92,8 +92,7 @@ def _check_no_carried_state(out: list, extras: list[list]) -> None:
         if any(a is t for a in (*args, *kwargs.values()) for t in carried):
             raise UnsupportedArchitecture(
                 "this model's decoder layers pass state to the next layer beside the hidden states, which the "
-                "per-layer stage (GPTQ, smoothing, --max-kl, --sequential) cannot replay; quantize it in memory "
-                "with --method llm-int8 --no-gptq (round-to-nearest weights)")
+                f"per-layer stage (GPTQ, smoothing, --max-kl, --sequential) cannot replay; {WITHOUT_LAYER_STAGE}")
 
 
 class Feed(nn.Module):
