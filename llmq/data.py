@@ -1,8 +1,9 @@
 """Text sources -> token windows, shared by calibration and evaluation.
 
 Sources (`load_text`): ``llmq:wiki`` (the offline Wikipedia articles, split by articles into disjoint
-evaluation and calibration parts) or ``llmq:kjv`` (the King James Bible: Old Testament for evaluation, New
-Testament for calibration), both offline, see llmq/assets.py; a local UTF-8 ``.txt``, ``.jsonl`` (a ``text`` field
+evaluation and calibration parts), ``llmq:kjv`` (the King James Bible: Old Testament for evaluation, New
+Testament for calibration) or ``llmq:news`` (300 ABC news stories, split in halves), all offline, see
+llmq/assets.py; a local UTF-8 ``.txt``, ``.jsonl`` (a ``text`` field
 per line) or ``.json`` file (the whole file, whatever the purpose); or a named Hub dataset
 (``wikitext2``, ``c4``, ``pile-val``) whose documents are joined by a blank line.
 """
@@ -42,7 +43,7 @@ DATASETS: dict[str, dict[str, tuple[tuple[str, ...], dict[str, Any]]]] = {
         "calibration": (("mit-han-lab/pile-val-backup",), {"split": "validation"}),
     },
 }
-ACCEPTED = (f"{OFFLINE_TEXT!r} or 'llmq:kjv', a local .txt/.jsonl/.json file, or a dataset name "
+ACCEPTED = (f"{OFFLINE_TEXT!r}, 'llmq:kjv' or 'llmq:news', a local .txt/.jsonl/.json file, or a dataset name "
             f"({', '.join(DATASETS)}; needs the Hugging Face Hub)")
 # First guess of characters per token when tokenizing only a prefix (English BPE: ~4.5).
 _PREFIX_CHARS_PER_TOKEN = 6

