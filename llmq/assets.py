@@ -31,7 +31,7 @@ articles ``k*+1..end``, each part joined by ``"\\n\\n"``. The parts are disjoint
 article, and the evaluation part is a prefix of the file, so the first T tokens of the evaluation part
 are the first T tokens of the whole text. The ``llmq:kjv`` split is by testament (llmq/kjv.py). The
 ``llmq:news`` split is by stories: the first 150 lines are "evaluation", the other 150 "calibration", each
-part's stories joined by ``"\n\n"`` plus a final newline.
+part's stories joined by ``"\\n\\n"`` plus a final newline.
 """
 
 from __future__ import annotations
