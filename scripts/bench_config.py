@@ -44,7 +44,7 @@ class Evaluation:
 @dataclass(frozen=True)
 class Calibration:
     source: str = "llmq:wiki"
-    samples: int = 64
+    samples: int = 32
     seq_len: int = 512
     seed: int = 0
     spread_seeds: tuple[int, ...] = ()  # calibrating rows are quantized again with each and evaluated
