@@ -169,30 +169,29 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, su
     [out, <= sub]), each finished slice the rest of its `block` and each finished block the rest of W (both
     matmuls). The same algebra as one level; reordered sums move a few values across a rounding boundary
     (tests/test_gptq.py). 2-3x faster on CPU for bitsandbytes-sized rows, where [out, block] no longer fits
-    in cache. Runs on W transposed, so that each column is one contiguous row: the same operations in the
-    same order (only the two matmuls see their operands transposed)."""
-    Wt = W.t().contiguous()
-    s = scale.view(1, -1)
+    in cache."""
+    W = W.clone()
+    s = scale.view(-1, 1)
     inv = torch.where(s > 0, 127.0 / s, torch.zeros_like(s))
     step = s * INV127
-    Qt = torch.zeros_like(Wt)
-    n_in = Wt.shape[0]
+    Q = torch.zeros_like(W)
+    n_in = W.shape[1]
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err = torch.zeros_like(W1)
         for k1 in range(0, i2 - i1, sub):
             k2 = min(k1 + sub, i2 - i1)
             for j in range(k1, k2):
-                w = W1[j:j + 1]
+                w = W1[:, j:j + 1]
                 q = torch.round(w * inv).clamp_(-127, 127)
-                Qt[i1 + j:i1 + j + 1] = q
+                Q[:, i1 + j:i1 + j + 1] = q
                 e = (w - q * step) / U1[j, j]
-                W1[j:k2] -= U1[j, j:k2].unsqueeze(1) * e
-                Err[j:j + 1] = e
-            W1[k2:] -= U1[k1:k2, k2:].t() @ Err[k1:k2]
-        Wt[i2:] -= U[i1:i2, i2:].t() @ Err
-    return Qt.t()
+                W1[:, j:k2] -= e @ U1[j:j + 1, j:k2]
+                Err[:, j:j + 1] = e
+            W1[:, k2:] -= Err[:, k1:k2] @ U1[k1:k2, k2:]
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    return Q
 
 
 @torch.no_grad()
