@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmq.config import Calibration as _QuantizeCalibration
 from llmq.config import build
 from llmq.errors import ConfigError
 
 ROW_KINDS = ("fp", "llmq", "peer")
 FP_DTYPES = ("float32", "half", "float16", "bfloat16")
 GROUPS = ("main", "decode", "sim")  # --only
+_QUANTIZE_CALIBRATION = _QuantizeCalibration()
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -42,11 +44,11 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    source: str = "llmq:wiki"
-    samples: int = 32
-    seq_len: int = 512
-    seed: int = 0
+class Calibration:  # defaults: `llmq quantize`'s (llmq.config.Calibration), so rows calibrate as users do
+    source: str = _QUANTIZE_CALIBRATION.source
+    samples: int = _QUANTIZE_CALIBRATION.samples
+    seq_len: int = _QUANTIZE_CALIBRATION.seq_len
+    seed: int = _QUANTIZE_CALIBRATION.seed
     spread_seeds: tuple[int, ...] = ()  # calibrating rows are quantized again with each and evaluated
 
     def __post_init__(self) -> None:
