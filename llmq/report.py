@@ -26,6 +26,12 @@ class CalibrationInfo:
     seed: int | None = None
     tokens: int | None = None
     act_scales: str | None = None
+    statistic: str = "max"  # llmq.config.STATISTICS ("max", the only one before the option)
+
+    @classmethod
+    def of(cls, cal, tokens: int | None) -> CalibrationInfo:
+        """From a llmq.config.Calibration and the number of tokens it ran."""
+        return cls(cal.source, cal.samples, cal.seq_len, cal.seed, tokens, cal.act_scales, cal.statistic)
 
 
 @dataclass

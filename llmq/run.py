@@ -82,7 +82,7 @@ def block_report(recipe: Recipe, res: BlockResult) -> Report:
     if q.method == "smoothquant" or res.alphas:  # weight-only: when it was rescaled
         rep.alpha, rep.alphas = sm.alpha, res.alphas
     if needs_windows(recipe):
-        rep.calibration = CalibrationInfo(cal.source, cal.samples, cal.seq_len, cal.seed, res.tokens, cal.act_scales)
+        rep.calibration = CalibrationInfo.of(cal, res.tokens)
     return rep
 
 
@@ -96,11 +96,11 @@ def stamp_(report: Report, recipe: Recipe, command: str) -> Report:
     return report
 
 
-def saved_stats(scales: CalibrationStats | None, res: BlockResult) -> CalibrationStats | None:
-    """The maxima written as act_scales.safetensors: the --act-scales ones, else the fresh ones, else none."""
+def saved_stats(scales: CalibrationStats | None, res: BlockResult, statistic: str) -> CalibrationStats | None:
+    """The act_scales.safetensors maxima: the --act-scales ones (which hold `statistic`), else fresh ones, or none."""
     if scales is not None:
         return scales
-    return CalibrationStats(act_max=res.act_max, tokens=res.tokens) if res.act_max else None
+    return CalibrationStats(act_max=res.act_max, tokens=res.tokens, statistic=statistic) if res.act_max else None
 
 
 def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationStats | None) -> None:
@@ -119,7 +119,7 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
 def given_scales(recipe: Recipe, scales: CalibrationStats | None) -> CalibrationStats | None:
     """`scales`, else the recipe's --act-scales file where the run reads calibration text, else None."""
     if scales is None and recipe.calibration.act_scales and needs_windows(recipe):
-        return load_act_scales(recipe.calibration.act_scales)
+        return load_act_scales(recipe.calibration.act_scales, recipe.calibration.statistic)
     return scales
 
 
@@ -177,7 +177,7 @@ def _quantize_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor | None
     mark_quantized_(model, q)
     # what stock from_pretrained reloads; checked and evaluated as such
     storage = to_storage_dtype_(model, q.storage_dtype, res.act_range)
-    report, stats = block_report(recipe, res), saved_stats(scales, res)
+    report, stats = block_report(recipe, res), saved_stats(scales, res, recipe.calibration.statistic)
     report.storage = storage
     report.rotation = rotation
     if stats is not None:

@@ -285,6 +285,6 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
                             max_shard_bytes=shards.MAX_SHARD_BYTES, passthrough=passthrough)
         job.staging.rmdir()
         shards.save_config(model, bnb_quantization_config(q, model), job.storage, src, tmp)
-        finish_output(tmp, recipe, report, saved_stats(inputs.scales, total))
+        finish_output(tmp, recipe, report, saved_stats(inputs.scales, total, recipe.calibration.statistic))
     log.info("wrote %s (sequential, peak %.0f MB)", inputs.dest, pm.peak_bytes / 2**20)
     return report

@@ -128,7 +128,8 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
                 raise ValueError("this block needs calibration inputs")  # a driver bug, not a user error
             fresh = calibrate(root, ids, sorted({n for t in targets for n in t.linear_names}),
                               sample_names=tuple(t.linear_names[0] for t in targets) if auto else (),
-                              sample_tokens=sm.auto_tokens if auto else 0, seed=cal.seed, progress=progress)
+                              sample_tokens=sm.auto_tokens if auto else 0, seed=cal.seed,
+                              statistic=cal.statistic, progress=progress)
             res.act_max, res.tokens = fresh.act_max, fresh.tokens
             stats = fresh if scales is None else CalibrationStats(scales.act_max, fresh.samples, fresh.tokens)
         elif hess is not None:

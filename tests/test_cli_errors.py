@@ -239,6 +239,9 @@ def build_inputs(root: Path) -> dict[str, str]:
     p["scales_huge"] = inp / "scales_huge.safetensors"  # right names and width, absurd maxima
     save_file({n: torch.full((128 if n.endswith("down_proj") else 64,), 1e30) for n in names},
               str(p["scales_huge"]))
+    p["scales_wmean"] = inp / "scales_wmean.safetensors"  # right names and width, the other statistic
+    save_file({n: torch.ones(128 if n.endswith("down_proj") else 64) for n in names}, str(p["scales_wmean"]),
+              metadata={"llmq_statistic": "window-mean"})
     p["scales_junk"] = inp / "junk.safetensors"
     p["scales_junk"].write_bytes(b"\x00" * 100)
     p["outfile"] = inp / "out.txt"
@@ -295,6 +298,8 @@ CASES = [
     Case("calib-seq-len-0", Q + " --calib-seq-len 0", "calibration.seq_len", ">= 2, got 0"),
     Case("calib-seq-len-negative", Q + " --calib-seq-len -8", "calibration.seq_len", ">= 2, got -8"),
     Case("calib-samples-0", Q + " --calib-samples 0", "calibration.samples", ">= 1, got 0"),
+    Case("calib-statistic-unknown", Q + " --set calibration.statistic=median", "calibration.statistic",
+         "one of max, window-mean, got 'median'"),
     Case("threshold-negative", Q + " --method llm-int8 --threshold -1", "threshold", ">= 0, got -1"),
     Case("threshold-weight-only", Q + " --method weight-only --threshold 6", "weight-only", "leave it unset"),
     Case("set-no-equals", Q + " --set smoothing.alpha", "--set expects key=value", "--set smoothing.alpha=0.8"),
@@ -352,6 +357,8 @@ CASES = [
          "act_scales.safetensors of an earlier llmq output"),
     Case("act-scales-not-safetensors", Q + " --alpha 0.5 --act-scales {scales_junk}", "not a readable",
          "act_scales.safetensors of an earlier llmq output"),
+    Case("act-scales-other-statistic", Q + " --alpha 0.5 --act-scales {scales_wmean}",
+         "holds the window-mean statistic and this run asks for max", "--set calibration.statistic=window-mean"),
     # models
     Case("model-missing", "quantize {missing} --out {out}", "does not exist", "a Hub id like 'org/name'"),
     Case("model-hub-offline", "quantize someorg/some-model --out {out}", "HF_HUB_OFFLINE=1", "download it first"),

@@ -478,6 +478,12 @@ def test_card_never_fills_in_what_was_not_measured(out: Path) -> None:
     assert eval_table(model_card(out))["perplexity"][0] == "not measured"
 
 
+def test_card_states_the_calibration_statistic(out: Path) -> None:
+    assert "| per-channel statistic | max |" in model_card(out)  # reports before the option: max, the only one
+    write_report(out, {**REPORT, "calibration": {**REPORT["calibration"], "statistic": "window-mean"}})
+    assert "| per-channel statistic | window-mean |" in model_card(out)
+
+
 def test_card_small_kl_keeps_its_digits(out: Path) -> None:
     ev = copy.deepcopy(REPORT["evaluation"])
     ev["int8"]["kl_divergence"] = 1.23456e-05

@@ -482,6 +482,49 @@ def test_calibration_is_running_max():
     assert torch.equal(both, torch.maximum(a, b))
 
 
+def test_calibration_window_mean_is_the_mean_of_per_window_maxima():
+    from llmq.calibrate import calibrate
+
+    model = tiny_llama()
+    w = _windows(n=4)
+    name = "model.layers.0.mlp.down_proj"
+    got = calibrate(model, w, [name], statistic="window-mean", progress=False)
+    each = torch.stack([calibrate(model, w[i:i + 1], [name], progress=False).act_max[name] for i in range(4)])
+    assert got.statistic == "window-mean"
+    torch.testing.assert_close(got.act_max[name], each.mean(0))
+    assert (got.act_max[name] <= each.amax(0)).all() and (got.act_max[name] < each.amax(0)).any()
+
+
+def test_window_mean_run_records_its_statistic_and_reads_no_more_than_the_max():
+    """Layer 0's linears see the same inputs in both runs, so there the window mean is at most the max."""
+    runs = {}
+    for stat in ("max", "window-mean"):
+        rec = _recipe("smoothquant").override({"calibration.statistic": stat})
+        report, stats = quantize_model_(tiny_llama(), tiny_tokenizer(), rec, windows=_windows(), progress=False)
+        assert stats.statistic == stat and report.calibration.statistic == stat
+        runs[stat] = stats.act_max
+    first = [n for n in runs["max"] if n.startswith("model.layers.0.") and "down_proj" not in n]
+    assert first
+    for n in first:
+        assert (runs["window-mean"][n] <= runs["max"][n]).all() and (runs["window-mean"][n] < runs["max"][n]).any()
+
+
+def test_act_scales_remember_their_statistic(tmp_path):
+    from llmq.calibrate import CalibrationStats, load_act_scales, save_act_scales
+    from llmq.errors import ConfigError
+
+    path = tmp_path / "wm.safetensors"
+    save_act_scales(CalibrationStats(act_max={"a": torch.ones(3)}, statistic="window-mean"), path)
+    assert load_act_scales(path).statistic == "window-mean"
+    assert load_act_scales(path, "window-mean").statistic == "window-mean"
+    with pytest.raises(ConfigError, match="holds the window-mean statistic.*calibration.statistic=window-mean"):
+        load_act_scales(path, "max")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3)}, tmp_path / "old.safetensors")  # written before the option existed
+    assert load_act_scales(tmp_path / "old.safetensors", "max").statistic == "max"
+
+
 def test_text_pipeline_with_tokenizer():
     """The pipeline tokenizes a real text source when no windows are passed in."""
     model, tok = tiny_llama(), tiny_tokenizer()
