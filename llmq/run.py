@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .arch import check_int8_supported, layers_path
-from .calibrate import CalibrationStats, load_act_scales, save_act_scales
+from .calibrate import CalibrationStats, load_act_scales, resolve_statistic, save_act_scales, saved_stats
 from .config import Recipe
 from .data import bos_id, calibration_set, load_text
 from .errors import ConfigError
@@ -96,13 +96,6 @@ def stamp_(report: Report, recipe: Recipe, command: str) -> Report:
     return report
 
 
-def saved_stats(scales: CalibrationStats | None, res: BlockResult, statistic: str) -> CalibrationStats | None:
-    """The act_scales.safetensors maxima: the --act-scales ones (which hold `statistic`), else fresh ones, or none."""
-    if scales is not None:
-        return scales
-    return CalibrationStats(act_max=res.act_max, tokens=res.tokens, statistic=statistic) if res.act_max else None
-
-
 def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationStats | None) -> None:
     """The files every llmq output folder has beside the weights: act scales, recipe, report, card."""
     from .card import write_card
@@ -119,7 +112,8 @@ def finish_output(tmp: Path, recipe: Recipe, report: Report, stats: CalibrationS
 def given_scales(recipe: Recipe, scales: CalibrationStats | None) -> CalibrationStats | None:
     """`scales`, else the recipe's --act-scales file where the run reads calibration text, else None."""
     if scales is None and recipe.calibration.act_scales and needs_windows(recipe):
-        return load_act_scales(recipe.calibration.act_scales, recipe.calibration.statistic)
+        asked = recipe.calibration.statistic
+        return load_act_scales(recipe.calibration.act_scales, None if asked == "auto" else asked)
     return scales
 
 
@@ -142,6 +136,7 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
     `quantization.rotate: auto` means off here (no guard to check it), unless the --act-scales were rotated."""
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
     scales = given_scales(recipe, scales)
+    recipe = resolve_statistic(recipe, scales)  # auto: no guard here to try the window mean
     rotate = unguarded_rotate(recipe.quantization.rotate, scales)
     recipe = replace(recipe, quantization=replace(recipe.quantization, rotate=rotate))
     report, stats, _ = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
@@ -202,9 +197,10 @@ def calibration_split(tokenizer, recipe: Recipe, text: str | None) -> tuple[torc
     return windows, (held if g else None)
 
 
-def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, progress: bool = False):
+def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, both: bool, progress: bool = False):
     """The end-to-end checks of llmq/guard.py on the in-memory model `built` = (report, stats, BlockResult):
-    auto against its rivals, then --max-kl. Returns the model to ship, its report and statistics."""
+    auto against its rivals (`both`: auto under the window mean among them), then --max-kl. Returns the model to
+    ship, its report and statistics."""
     from .guard import guard_, keep_sensitive_, reference_logits
 
     (report, stats, res), q = built, recipe.quantization
@@ -225,7 +221,7 @@ def _checked_(model, tok, recipe: Recipe, windows, held, scales, built: tuple, p
     release()
     try:
         if guarded:
-            model, won, result = guard_(model, recipe, held, ref, build)
+            model, won, result = guard_(model, recipe, held, ref, build, window_mean=both)
             if won is not None:
                 alpha, auto_stats, auto_alphas = report.alpha, stats, report.alphas
                 report, stats, res = won
@@ -251,11 +247,12 @@ def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = No
     (the model to ship: `model` or a rival the guard chose, its report fields, its statistics to save)."""
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)  # once, not per rival
     scales = given_scales(recipe, scales)
-    recipe, why = resolve_rotate(model, recipe, scales)
+    both = recipe.calibration.statistic == "auto" and scales is None  # the guard also builds the window mean
+    recipe, why = resolve_rotate(model, resolve_statistic(recipe, scales), scales)
     windows, held = calibration_split(tokenizer, recipe, text)
     built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     model, report, stats = (model, *built[:2]) if held is None else _checked_(model, tokenizer, recipe, windows,
-                                                                             held, scales, built, progress)
+                                                                             held, scales, built, both, progress)
     if why is not None and report.rotation is not None:
         report.rotation["auto"] = why
     return model, report, stats

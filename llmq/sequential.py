@@ -22,7 +22,7 @@ from torch import nn
 
 from . import shards
 from .arch import layers_path
-from .calibrate import CalibrationStats
+from .calibrate import CalibrationStats, resolve_statistic, saved_stats
 from .config import Recipe
 from .errors import ConfigError, ModelLoadError, NumericalError
 from .layers import catch_inputs, quantize_layers_
@@ -40,7 +40,7 @@ from .memory import PeakMemory, trim_heap
 from .quantize import bnb_quantization_config, check_finite_weights, check_skip_matches, linear_names, replace_linears_
 from .report import QuantizeInfo, Report
 from .rotate import unguarded_rotate
-from .run import block_report, calibration_split, finish_output, preflight, saved_stats, stamp_
+from .run import block_report, calibration_split, finish_output, preflight, stamp_
 from .save import atomic_dir
 from .stage import check_scales, full_pass, needs_windows, smoothing_targets
 from .storage import cast_unquantized_, measures_range, storage_dtype, storage_entry, stored_dtype, value_max
@@ -224,8 +224,9 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     writes, with peak memory ~ one float layer + the calibration hidden states. Returns the Report."""
     from transformers.core_model_loading import dot_natural_key
 
-    q, cal = recipe.quantization, recipe.calibration
     inputs = preflight(recipe, out, overwrite)
+    recipe, asked = resolve_statistic(recipe, inputs.scales), recipe  # auto: the max (no guard here)
+    q, cal = recipe.quantization, recipe.calibration
     if unguarded_rotate(q.rotate, inputs.scales):
         raise ConfigError("--rotate needs the whole model in memory (it rotates the embedding, every layer and "
                           "lm_head together); sequential mode cannot run it: drop --rotate (or --act-scales "
@@ -285,6 +286,6 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
                             max_shard_bytes=shards.MAX_SHARD_BYTES, passthrough=passthrough)
         job.staging.rmdir()
         shards.save_config(model, bnb_quantization_config(q, model), job.storage, src, tmp)
-        finish_output(tmp, recipe, report, saved_stats(inputs.scales, total, recipe.calibration.statistic))
+        finish_output(tmp, asked, report, saved_stats(inputs.scales, total, cal.statistic))
     log.info("wrote %s (sequential, peak %.0f MB)", inputs.dest, pm.peak_bytes / 2**20)
     return report

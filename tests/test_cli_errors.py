@@ -299,7 +299,7 @@ CASES = [
     Case("calib-seq-len-negative", Q + " --calib-seq-len -8", "calibration.seq_len", ">= 2, got -8"),
     Case("calib-samples-0", Q + " --calib-samples 0", "calibration.samples", ">= 1, got 0"),
     Case("calib-statistic-unknown", Q + " --set calibration.statistic=median", "calibration.statistic",
-         "one of max, window-mean, got 'median'"),
+         "one of auto, max, window-mean, got 'median'"),
     Case("threshold-negative", Q + " --method llm-int8 --threshold -1", "threshold", ">= 0, got -1"),
     Case("threshold-weight-only", Q + " --method weight-only --threshold 6", "weight-only", "leave it unset"),
     Case("set-no-equals", Q + " --set smoothing.alpha", "--set expects key=value", "--set smoothing.alpha=0.8"),
@@ -357,7 +357,7 @@ CASES = [
          "act_scales.safetensors of an earlier llmq output"),
     Case("act-scales-not-safetensors", Q + " --alpha 0.5 --act-scales {scales_junk}", "not a readable",
          "act_scales.safetensors of an earlier llmq output"),
-    Case("act-scales-other-statistic", Q + " --alpha 0.5 --act-scales {scales_wmean}",
+    Case("act-scales-other-statistic", Q + " --alpha 0.5 --act-scales {scales_wmean} --set calibration.statistic=max",
          "holds the window-mean statistic and this run asks for max", "--set calibration.statistic=window-mean"),
     # models
     Case("model-missing", "quantize {missing} --out {out}", "does not exist", "a Hub id like 'org/name'"),

@@ -55,6 +55,27 @@ def test_with_rotate_the_unrotated_auto_run_is_a_rival():
     assert r["auto, no rotation"].smoothing.alpha == "auto"
 
 
+def test_statistic_auto_makes_the_window_mean_a_rival():
+    """calibration.statistic auto (the default) builds with the max (llmq.calibrate.resolve_statistic) and the
+    guard also builds auto under the window mean; a statistic the user chose is not second-guessed."""
+    from llmq.calibrate import CalibrationStats, resolve_statistic
+
+    rec = Recipe().override({"quantization.rotate": False})
+    assert rec.calibration.statistic == "auto"
+    built = resolve_statistic(rec, None)
+    assert built.calibration.statistic == "max"
+    wm = CalibrationStats(act_max={}, statistic="window-mean")
+    assert resolve_statistic(rec, wm).calibration.statistic == "window-mean"  # --act-scales: the file's
+    assert resolve_statistic(rec.override({"calibration.statistic": "max"}), wm).calibration.statistic == "max"
+    r = rivals(built, "llama", window_mean=True)
+    assert list(r) == ["alpha 0", "family alpha 0.85", "auto, window mean"]
+    assert r["auto, window mean"].smoothing.alpha == "auto"
+    assert [x.calibration.statistic for x in r.values()] == ["max", "max", "window-mean"]
+    assert "auto, window mean" not in rivals(built, "llama")  # max asked, or auto with --act-scales
+    chose = resolve_statistic(rec.override({"calibration.statistic": "window-mean"}), None)
+    assert list(rivals(chose, "llama", window_mean=True)) == ["alpha 0", "family alpha 0.85"]
+
+
 def test_weight_only_rivals_are_alpha_zero_only():
     """The family alphas are SmoothQuant's W8A8 values; weight-only scaling is checked against no scaling."""
     rec = Recipe().override({"quantization.method": "weight-only"})
@@ -165,9 +186,15 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path):
     g = rep.guard
     assert g is not None and g["held_out_windows"] == 3 and g["held_out_tokens"] == 3 * 31
     kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
-    assert sorted(kls) == ["alpha 0", "auto", "auto, no rotation", "family alpha 0.85"]  # untied: rotate auto
+    assert sorted(kls) == ["alpha 0", "auto", "auto, no rotation", "auto, window mean",  # untied: rotate auto
+                           "family alpha 0.85"]  # statistic auto: the window mean is a rival
     assert kls[g["chosen"]] == min(kls.values()) and kls[g["chosen"]] <= kls["alpha 0"]
     assert g["fell_back"] == (g["chosen"] != "auto")
+    from llmq.calibrate import load_act_scales
+
+    shipped = "window-mean" if g["chosen"] == "auto, window mean" else "max"  # what the shipped model read
+    assert rep.calibration.statistic == shipped
+    assert load_act_scales(tmp_path / "out" / "act_scales.safetensors").statistic == shipped
     assert rep.calibration.samples == 6 and rep.calibration.tokens == 6 * 32  # held-out windows not used
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Guard" in card and f"{kls['alpha 0']:.4g}" in card
@@ -187,7 +214,7 @@ def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
     rep = run(recipe, tmp_path / "out", progress=False)
     g = rep.guard
     kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
-    assert sorted(kls) == ["alpha 0", "auto"] and kls[g["chosen"]] == min(kls.values())
+    assert sorted(kls) == ["alpha 0", "auto", "auto, window mean"] and kls[g["chosen"]] == min(kls.values())
     groups = {t.key for t in smooth_targets(AutoModelForCausalLM.from_pretrained(fp))}
     assert rep.alpha == "auto" and set(rep.alphas) == groups
     if g["chosen"] == "alpha 0":

@@ -503,6 +503,16 @@ def test_window_mean_run_records_its_statistic_and_reads_no_more_than_the_max():
         report, stats = quantize_model_(tiny_llama(), tiny_tokenizer(), rec, windows=_windows(), progress=False)
         assert stats.statistic == stat and report.calibration.statistic == stat
         runs[stat] = stats.act_max
+    from llmq.calibrate import CalibrationStats
+
+    rec = _recipe("smoothquant")  # statistic auto: the max without a guard, the --act-scales file's with one
+    assert rec.calibration.statistic == "auto"
+    report, stats = quantize_model_(tiny_llama(), tiny_tokenizer(), rec, windows=_windows(), progress=False)
+    assert stats.statistic == report.calibration.statistic == "max"
+    given = CalibrationStats(act_max=runs["window-mean"], statistic="window-mean")
+    report, stats = quantize_model_(tiny_llama(), tiny_tokenizer(), rec, windows=_windows(), scales=given,
+                                    progress=False)
+    assert stats is given and report.calibration.statistic == "window-mean"
     first = [n for n in runs["max"] if n.startswith("model.layers.0.") and "down_proj" not in n]
     assert first
     for n in first:

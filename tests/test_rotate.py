@@ -185,7 +185,7 @@ def test_guard_checks_auto_with_rotation_against_auto_without(tmp_path):
     KL, and the checkpoint and report say whether it is rotated."""
     _, report = _tiny_run(tmp_path, "auto")
     cand = report.guard["candidates"]
-    assert set(cand) == {"auto", "alpha 0", "family alpha 0.85", "auto, no rotation"}
+    assert set(cand) == {"auto", "alpha 0", "family alpha 0.85", "auto, no rotation", "auto, window mean"}
     assert report.guard["chosen"] == min(cand, key=lambda k: cand[k]["kl_divergence"])
     rotated = report.guard["chosen"] != "auto, no rotation"
     assert (report.rotation is not None) == rotated
