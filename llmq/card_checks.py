@@ -39,8 +39,13 @@ def _guard(rep: Report) -> list[str]:
     rows = "\n".join(f"| {k}{' (shipped)' if k == g.get('chosen') else ''} | {_cell(v.get('alpha'))} | "
                      f"{_fmt(v.get('kl_divergence'), '.4g')} | {_fmt(v.get('top1_agreement'), '.2%')} | "
                      f"{_fmt(v.get('nll'), '.4f')} |" for k, v in g["candidates"].items())
-    verdict = (f"Auto's held-out KL was above {g.get('chosen')}'s, so {g.get('chosen')} was shipped."
-               if g.get("fell_back") else "Auto had the lowest held-out KL and was shipped.")
+    chosen = str(g.get("chosen"))
+    if not g.get("fell_back"):
+        verdict = "Auto had the lowest held-out KL and was shipped."
+    elif chosen.startswith("auto, "):  # the same search with one setting changed (llmq/guard.py rivals)
+        verdict = f"The lowest held-out KL was {chosen}'s (auto's search, {chosen[6:]}), so it was shipped."
+    else:
+        verdict = f"Auto's held-out KL was above {chosen}'s, so {chosen} was shipped."
     return ["## Guard", f"Each candidate was built and compared with the float model on {g.get('held_out_windows')} "
             f"calibration windows held out from calibration and the alpha search ({g.get('held_out_tokens')} "
             f"scored tokens). {verdict}",

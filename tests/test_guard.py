@@ -340,3 +340,23 @@ def test_reference_logits_score_as_the_live_reference():
         store.close()
     many = torch.randint(3, 250, (30, 20), generator=torch.Generator().manual_seed(1))
     assert reference_logits(fp, many) is fp  # 570 x 256 float32 logits outweigh the 0.4 MB model: kept live
+
+
+@pytest.mark.parametrize(("chosen", "verdict"), [
+    ("auto", "Auto had the lowest held-out KL and was shipped."),
+    ("auto, window mean", "The lowest held-out KL was auto, window mean's (auto's search, window mean), so it was "
+                          "shipped."),
+    ("alpha 0", "Auto's held-out KL was above alpha 0's, so alpha 0 was shipped."),
+])
+def test_card_says_which_candidate_shipped_and_why(chosen, verdict):
+    from llmq.card_checks import checks
+    from llmq.report import Report
+
+    kl = {"auto": 0.03, "alpha 0": 0.02, "auto, window mean": 0.01}
+    kl[chosen] = 0.001
+    cands = {k: {"alpha": "auto" if k.startswith("auto") else 0.0, "kl_divergence": v, "top1_agreement": 0.9,
+                 "nll": 2.0} for k, v in kl.items()}
+    guard = {"chosen": chosen, "fell_back": chosen != "auto", "held_out_windows": 4, "held_out_tokens": 2044,
+             "candidates": cands}
+    text = "\n".join(checks(Report("smoothquant", 0.0, alpha="auto", guard=guard)))
+    assert verdict in text and f"| {chosen} (shipped) |" in text and text.count("(shipped)") == 1
