@@ -109,10 +109,15 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recip
     result = GuardResult("auto", int(held.shape[0] * (held.shape[1] - 1)))
     result.candidates["auto"] = {"alpha": "auto", **_score(model, fp, held)}
     best, payload, best_kl = model, None, result.candidates["auto"]["kl_divergence"]
-    for name, rec in rivals(recipe, model.config.model_type, window_mean).items():
+    others = rivals(recipe, model.config.model_type, window_mean)
+    log.info("guard: auto's held-out KL %.4g (%d tokens); building %d rivals, one build each: %s",
+             best_kl, result.held_out_tokens, len(others), "; ".join(others))
+    for i, (name, rec) in enumerate(others.items(), 1):
+        log.info("guard: building %s (%d of %d)", name, i, len(others))
         rival, got = build(rec)
         result.candidates[name] = {"alpha": rec.smoothing.alpha, **_score(rival, fp, held)}
         kl = result.candidates[name]["kl_divergence"]
+        log.info("guard: %s: held-out KL %.4g", name, kl)
         if kl < best_kl:
             best, payload, best_kl, result.chosen = rival, got, kl, name
         del rival, got
@@ -124,7 +129,7 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recip
                     result.candidates["auto"]["kl_divergence"], result.chosen, best_kl, result.chosen)
     else:
         log.info("guard: auto kept (held-out KL %.4g; %s)", best_kl,
-                 ", ".join(f"{k} {v['kl_divergence']:.4g}" for k, v in result.candidates.items() if k != "auto"))
+                 "; ".join(f"{k} {v['kl_divergence']:.4g}" for k, v in result.candidates.items() if k != "auto"))
     return best, payload, result
 
 

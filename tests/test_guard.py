@@ -174,7 +174,7 @@ def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output(act):
     assert all(torch.equal(after[k], v) for k, v in m.model.layers[0].state_dict().items())
 
 
-def test_run_auto_ships_the_lowest_held_out_kl(tmp_path):
+def test_run_auto_ships_the_lowest_held_out_kl(tmp_path, caplog):
     fp = _fp_folder(tmp_path, "llama")
     text = tmp_path / "calib.txt"
     text.write_text(tiny_text(4000))
@@ -182,12 +182,18 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path):
                     smoothing=Smoothing(alpha="auto", auto_tokens=64, guard_windows=3,
                                         grid=(0.0, 0.4, 0.8)),
                     quantization=Quantization(method="smoothquant"))
-    rep = run(recipe, tmp_path / "out", progress=False)
+    with caplog.at_level("INFO", logger="llmq.guard"):
+        rep = run(recipe, tmp_path / "out", progress=False)
     g = rep.guard
     assert g is not None and g["held_out_windows"] == 3 and g["held_out_tokens"] == 3 * 31
     kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
     assert sorted(kls) == ["alpha 0", "auto", "auto, no rotation", "auto, window mean",  # untied: rotate auto
                            "family alpha 0.85"]  # statistic auto: the window mean is a rival
+    said = [r.getMessage() for r in caplog.records if r.name == "llmq.guard"]  # what a user watching sees
+    assert said[0].startswith(f"guard: auto's held-out KL {kls['auto']:.4g} (93 tokens); building 4 rivals")
+    for i, name in enumerate(k for k in g["candidates"] if k != "auto"):
+        assert said[1 + 2 * i : 3 + 2 * i] == [f"guard: building {name} ({i + 1} of 4)",
+                                               f"guard: {name}: held-out KL {kls[name]:.4g}"]
     assert kls[g["chosen"]] == min(kls.values()) and kls[g["chosen"]] <= kls["alpha 0"]
     assert g["fell_back"] == (g["chosen"] != "auto")
     from llmq.calibrate import load_act_scales
