@@ -13,7 +13,7 @@ always those of the model as it will be quantized.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -88,11 +88,13 @@ def layer_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[str], stats: CalibrationStats,
                         grid: Sequence[float], windows: Sequence[int] = (0,), act: str = "token",
+                        float_inputs: Collection[str] = frozenset(),
                         ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Pick and apply, in place, one alpha per group of one decoder layer, scored by the error of the whole
     layer's output (attention with its norms, RoPE and q/k norms, and the MLP) under simulated bitsandbytes
     W8A8 (`act` "token"; "none": weight-only, inputs left float) on all the layer's linears `qnames`,
-    against the float layer, on the cached inputs of `windows`.
+    against the float layer, on the cached inputs of `windows`. The linears in `float_inputs` (quantization.a16)
+    are simulated weight-only whatever `act`, and their groups start from the weight-only per-group search.
 
     `feed` is llmq/layers.py's Feed (`output(w)` runs the layer on window w). Start: the better of alpha 0
     everywhere and the per-group search above; then one coordinate sweep, group by group, over the values of
@@ -118,7 +120,8 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
         def watch(module, args, out):
             peak[0], peak[1] = max(peak[0], float(args[0].abs().max())), max(peak[1], float(out.abs().max()))
 
-        handles = simulate_(feed, SimMode(act, "channel"), qnames)
+        handles = simulate_(feed, SimMode(act, "channel"), [n for n in qnames if n not in float_inputs])
+        handles += simulate_(feed, SimMode("none", "channel"), [n for n in qnames if n in float_inputs])
         handles += [feed.get_submodule(n).register_forward_hook(watch) for n in qnames]
         try:
             err = sum(layer_error(feed.output(w).float(), r.float()) for w, r in zip(windows, ref, strict=True))
@@ -127,7 +130,11 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
                 h.remove()
         return err if fits_fp16(w_max, peak[0], peak[1]) and err == err else float("inf")
 
-    start, _ = search_alpha_(feed, targets, stats, grid, error=group_error(act), progress=False)  # undone in score
+    a16 = [t for t in targets if set(t.linear_names) <= set(float_inputs)]
+    start, _ = search_alpha_(feed, [t for t in targets if t not in a16], stats, grid, error=group_error(act),
+                             progress=False)  # undone in score
+    if a16:
+        start.update(search_alpha_(feed, a16, stats, grid, error=group_error("none"), progress=False)[0])
     zero = dict.fromkeys(keys, 0.0)
     e_start, e_zero = score(start), score(zero)
     best, best_err = (dict(start), e_start) if e_start < e_zero else (zero, e_zero)

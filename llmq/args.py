@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", default=None,
                    help="keep modules in float: a name, a suffix (down_proj) or a pattern, matched as stock "
                         "transformers matches llm_int8_skip_modules; added to the recipe's (lm_head); repeatable")
+    q.add_argument("--a16", action="append", default=None, metavar="NAME",
+                   help="smoothquant: keep these linears' activations 16-bit (weight-only int8) inside the W8A8 "
+                        "checkpoint, e.g. down_proj (about half the KL, slower); matched as --skip; repeatable")
     q.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None,
                    help="dtype of the non-int8 tensors saved and run (auto: the --dtype if 16-bit, else float16 "
                         "where the calibration activations stay within half its range, else bfloat16)")
@@ -133,6 +136,7 @@ def recipe_from_args(a: argparse.Namespace) -> Recipe:
         "model": a.model, "dtype": a.dtype, "device": a.device, "trust_remote_code": a.trust_remote_code,
         "quantization.method": a.method, "quantization.threshold": a.threshold,
         "quantization.skip": None if a.skip is None else tuple(dict.fromkeys([*recipe.quantization.skip, *a.skip])),
+        "quantization.a16": None if a.a16 is None else tuple(dict.fromkeys([*recipe.quantization.a16, *a.a16])),
         "quantization.max_kl": a.max_kl, "quantization.gptq": a.gptq,
         "quantization.rotate": a.rotate,
         "quantization.storage_dtype": a.storage_dtype, "base_model": a.base_model,

@@ -132,10 +132,30 @@ def _calib_dataset(cal: CalibrationInfo | None) -> str | None:
 def _method(rep: Report, method: str) -> str:
     t = _num(rep.threshold)
     text = _METHOD.get(method, f"Method `{method}`.").format(t=("not recorded" if t is None or t != t else f"{t:g}"))
-    return text + (" The int8 rows were chosen by GPTQ (error-compensated against each linear's input Hessian "
-                   "from calibration, per-row clipped scales), not rounded to nearest." if rep.gptq else
-                   " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.") + _scaled(rep, method) \
-        + _rotation(rep) + _storage(rep)
+    rows = (" The int8 rows were chosen by GPTQ (error-compensated against each linear's input Hessian from "
+            "calibration, per-row clipped scales), not rounded to nearest." if rep.gptq else
+            " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.")
+    return _a16(rep, text) + rows + _scaled(rep, method) + _rotation(rep) + _storage(rep)
+
+
+_ALL_INT8 = ": no fp16 outlier path, every matmul is int8 x int8."
+
+
+def _a16(rep: Report, text: str) -> str:
+    """The method text with quantization.a16's exception (llmq/a16.py), where the run had one."""
+    a = rep.a16 if isinstance(rep.a16, dict) else None
+    if not a:
+        return text
+    names = ", ".join(f"`{m}`" for m in a.get("modules", []))
+    t = _num(a.get("threshold"))
+    return text.replace(_ALL_INT8, ".") + (
+        f" Except the linears matching {names} ({a.get('count')} of them): they keep 16-bit activations "
+        "(weight-only int8, W8A16) in the same checkpoint. Stock transformers gives every linear one threshold, "
+        f"so llmq set it to {t:g} and rescaled each linear's input by an exact power of two through the norm or "
+        "linear that feeds it (the float model's output unchanged): the W8A8 linears' inputs stay below the "
+        "threshold (int8 x int8), the W8A16 linears' inputs lie far above it (16-bit; their few elements below "
+        "it are int8 with a step under threshold / 127). A W8A8 input column that unseen text pushes above the "
+        "threshold takes the 16-bit path too: slower, not less accurate.")
 
 
 def _storage(rep: Report) -> str:

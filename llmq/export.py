@@ -61,8 +61,8 @@ def check_method(method: str, threshold: float | None) -> str:
         return method
     raise ExportError(f"a folder quantized with {method} (threshold {threshold:g}) cannot be exported to "
                       "compressed-tensors: the LLM.int8 outlier split (activation columns above the threshold in "
-                      "16-bit) has no compressed-tensors or vLLM equivalent; quantize with --method smoothquant "
-                      "(W8A8) or --method weight-only (W8A16)")
+                      "16-bit; also --a16's) has no compressed-tensors or vLLM equivalent; quantize with --method "
+                      "smoothquant (W8A8, without --a16) or --method weight-only (W8A16)")
 
 
 def read_source(src: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any], str]:

@@ -168,10 +168,12 @@ def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames:
     `act_range` is the largest |value| of layer 0's input and of any module output of the int8 layers."""
     from tqdm.auto import tqdm
 
+    from .a16 import layout_targets
     from .stage import BlockResult, quantize_block_
 
     layers = model.get_submodule(path)
-    total = BlockResult()
+    groups, a16 = layout_targets(model, qnames, recipe.quantization.a16)
+    total = BlockResult(a16_count=len(a16))
     if hidden is not None:
         total.act_range = max((h.abs().amax().item() for h in hidden), default=0.0)
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress):
@@ -184,13 +186,15 @@ def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames:
             ids, check = Feed.ids(len(hidden), seq_len)
         res = quantize_block_(root, recipe, [t for t in targets if t.prev_name.startswith(prefix)],
                               [n for n in qnames if n.startswith(prefix)], ids=ids, check_ids=check,
-                              scales=scales)
+                              scales=scales, layout=([t for t in groups if t.prev_name.startswith(prefix)],
+                                                     {n for n in a16 if n.startswith(prefix)}))
         if hidden is not None:
             total.act_range = max(total.act_range, root.advance_())
         total.act_max.update(res.act_max)
         total.alphas.update(res.alphas)
         total.errors.update(res.errors)
         total.originals.update(res.originals)
+        total.layout.update(res.layout)
         total.tokens = res.tokens
         if unload is not None:
             unload(i)

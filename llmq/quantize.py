@@ -255,10 +255,11 @@ def bnb_quantization_config(cfg: Quantization, model) -> dict:
 
 
 @torch.inference_mode()
-def check_fp16_range(model, ids: torch.Tensor) -> None:
+def check_fp16_range(model, ids: torch.Tensor, every: bool = False) -> None:
     """Run `ids` through an int8 model and fail, naming the layer, if an Int8 input leaves float16 range
     (bitsandbytes casts activations to fp16 before quantizing; bf16 models can exceed it) or goes non-finite,
-    or a W8A8 output does (CUDA's int8_mm_dequant writes float16: inf on GPU although CPU computes it)."""
+    or a W8A8 output does (CUDA's int8_mm_dequant writes float16: inf on GPU although CPU computes it).
+    `every`: check every Int8 module so (quantization.a16, where W8A8 modules have a threshold too)."""
     import bitsandbytes as bnb
 
     _silence_bnb()
@@ -267,14 +268,14 @@ def check_fp16_range(model, ids: torch.Tensor) -> None:
     def hook(name):
         def fn(module, args):
             amax = args[0].detach().abs().amax()
-            if not bad and (not torch.isfinite(amax) or (module.state.threshold == 0 and amax > FP16_MAX)):
+            if not bad and (not torch.isfinite(amax) or ((every or module.state.threshold == 0) and amax > FP16_MAX)):
                 bad.append(f"{name} (|x| max {amax.item():.4g})")
         return fn
 
     def out_hook(name):
         def fn(module, args, out):
             amax = out.detach().abs().amax()
-            if not bad and module.state.threshold == 0 and not amax <= FP16_MAX:
+            if not bad and (every or module.state.threshold == 0) and not amax <= FP16_MAX:
                 bad.append(f"the output of {name} (|y| max {amax.item():.4g})")
         return fn
 

@@ -62,6 +62,7 @@ class Report:
     quantize: QuantizeInfo | None = None
     evaluation: dict[str, dict[str, Any]] | None = None
     guard: dict[str, Any] | None = None  # llmq/guard.py: chosen, fell_back, held-out size, candidates' KL
+    a16: dict[str, Any] | None = None  # quantization.a16: the W8A16 linears, the threshold, llmq/a16.py's scales
     keep: dict[str, Any] | None = None  # --max-kl: target, KL reached, linears kept in 16-bit, their cost
     llmq_version: str = ""
     base_model: str | None = None

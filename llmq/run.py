@@ -83,6 +83,9 @@ def block_report(recipe: Recipe, res: BlockResult) -> Report:
         rep.alpha, rep.alphas = sm.alpha, res.alphas
     if needs_windows(recipe):
         rep.calibration = CalibrationInfo.of(cal, res.tokens)
+    if q.a16:
+        rep.a16 = {"modules": list(q.a16), "threshold": q.effective_threshold, "count": res.a16_count,
+                   "scales_log2": res.layout}
     return rep
 
 

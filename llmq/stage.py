@@ -40,6 +40,8 @@ class BlockResult:
     # largest |activation| the int8 layers produced on the calibration windows (llmq/layers.py; None: not
     # measured): what decides auto's storage dtype (llmq/storage.py)
     act_range: float | None = None
+    layout: dict[str, int] = field(default_factory=dict)  # quantization.a16: log2 scale per group (llmq/a16.py)
+    a16_count: int = 0  # quantization.a16: linears kept W8A16
     # with quantization.max_kl: each converted linear's float module (smoothed, on CPU): what --max-kl can
     # put back (llmq/guard.py ranks them by their end-to-end effect)
     originals: dict[str, nn.Module] = field(default_factory=dict)
@@ -75,13 +77,15 @@ def needs_windows(recipe: Recipe) -> bool:
     fp16 range check), every rescaled weight-only run (maxima), every GPTQ run (input Hessians) and every
     --max-kl run (held-out windows)."""
     q = recipe.quantization
-    return smooths(recipe) or q.gptq or q.max_kl is not None
+    return smooths(recipe) or q.gptq or q.max_kl is not None or bool(q.a16)
 
 
 def full_pass(recipe: Recipe, have_scales: bool) -> bool:
     """Whether every calibration window runs through the float block (maxima, auto rows, GPTQ Hessians);
-    otherwise window 0 alone is needed, for the fp16 range check."""
-    return collects(recipe, have_scales) or recipe.quantization.gptq
+    otherwise window 0 alone is needed, for the fp16 range check (quantization.a16: every window, to measure
+    the ranges llmq/a16.py lays out)."""
+    q = recipe.quantization
+    return collects(recipe, have_scales) or q.gptq or bool(q.a16)
 
 
 def collects(recipe: Recipe, have_scales: bool) -> bool:
@@ -105,12 +109,15 @@ def check_scales(scales: CalibrationStats | None, targets: list[SmoothTarget], p
 @torch.no_grad()
 def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget], qnames: list[str], *,
                     ids: torch.Tensor | None, check_ids: torch.Tensor | None,
-                    scales: CalibrationStats | None = None, progress: bool = False) -> BlockResult:
+                    scales: CalibrationStats | None = None, progress: bool = False,
+                    layout: tuple[list[SmoothTarget], set[str]] = ([], set())) -> BlockResult:
     """Quantize the block under `root` in place: `targets` are its smoothing groups (empty unless
     smoothquant), `qnames` its linears to convert. `ids`: the calibration inputs (every window runs through
     the float block when `full_pass`); `check_ids`: the input of the fp16 range check (None: no check);
-    `scales`: maxima from --act-scales. With quantization.gptq the same float pass accumulates each linear's
-    input Hessian, and the weights are rounded by llmq/gptq.py instead of bitsandbytes' round-to-nearest."""
+    `scales`: maxima from --act-scales; `layout`: with quantization.a16, the block's groups and a16 linears
+    (llmq/a16.py `layout_targets`), rescaled after smoothing. With quantization.gptq the same float pass
+    accumulates each linear's input Hessian, and the weights are rounded by llmq/gptq.py instead of
+    bitsandbytes' round-to-nearest."""
     sm, cal, q = recipe.smoothing, recipe.calibration, recipe.quantization
     check_finite_weights(root)
     res = BlockResult()
@@ -144,16 +151,22 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
 
             res.alphas, res.errors = search_layer_alpha_(root, targets, qnames, stats, sm.grid,
                                                          windows=range(min(sm.score_windows, ids.shape[0])),
-                                                         act=simulated_act(recipe))
+                                                         act=simulated_act(recipe), float_inputs=layout[1])
         elif auto:
             from .alpha import group_error, search_alpha_
 
+            if layout[1]:
+                raise ValueError("a16 needs the layer-output search")  # a driver bug, not a user error
             res.alphas, res.errors = search_alpha_(root, targets, stats, sm.grid, progress=progress,
                                                    error=group_error(simulated_act(recipe)))
         elif sm.alpha != 0.0:
             res.alphas = smooth_(root, stats.act_max, sm.alpha, targets=targets)
         else:
             res.alphas = {t.key: 0.0 for t in targets}
+    if layout[0]:
+        from .a16 import layout_
+
+        res.layout = layout_(root, layout[0], layout[1], ids)
     if q.max_kl is not None:
         res.originals = {n: copy.deepcopy(root.get_submodule(n)).cpu() for n in qnames}
     if hess is not None:
@@ -161,7 +174,7 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
     else:
         replace_linears_(root, qnames, q, progress=progress)
     if check_ids is not None:
-        check_fp16_range(root, check_ids)
+        check_fp16_range(root, check_ids, every=bool(q.a16))
     return res
 
 

@@ -233,9 +233,11 @@ def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
     assert "Smoothing strength (alpha)" in card and "family alpha" not in card
 
 
-def test_rank_by_kl_is_each_linears_end_to_end_effect():
+@pytest.mark.parametrize("a16", [(), ("down_proj",)])
+def test_rank_by_kl_is_each_linears_end_to_end_effect(a16):
     """--max-kl's ranking: a linear's effect is the KL(FP || model), measured through the whole model, with only
-    it in int8; with every linear back in float the (smoothed) float model gives FP's logits."""
+    it in int8; with every linear back in float the (smoothed) float model gives FP's logits (with
+    quantization.a16 too: the float modules carry llmq/a16.py's rescaling)."""
     import torch.nn.functional as F
 
     from llmq.guard import _swap_, rank_by_kl
@@ -246,7 +248,7 @@ def test_rank_by_kl_is_each_linears_end_to_end_effect():
         model.lm_head.weight.mul_(100)  # peaked logits: a KL far above float32 rounding (random init is flat)
     fp = copy.deepcopy(model)
     recipe = Recipe(model="tiny", calibration=Calibration(samples=4, seq_len=32), smoothing=Smoothing(alpha=0.5),
-                    quantization=Quantization(method="smoothquant", max_kl=1.0, storage_dtype="float32"))
+                    quantization=Quantization(method="smoothquant", max_kl=1.0, storage_dtype="float32", a16=a16))
     torch.manual_seed(1)
     windows = torch.randint(0, 256, (4, 32))
     _, _, res = _quantize_(model, None, recipe, windows=windows, progress=False)

@@ -87,6 +87,15 @@ def test_sequential_equals_in_memory(tmp_path, text, family, method, alpha):
     _assert_same_outputs(recipe, tmp_path, {"llama": 7, "opt": 6, "gpt_neox": 4}[family] * 3)
 
 
+def test_sequential_equals_in_memory_with_a16(tmp_path, text):
+    """quantization.a16 (llmq/a16.py) lays each layer out in the per-layer stage, so both drivers agree."""
+    from llmq.config import A16_THRESHOLD
+
+    recipe = _recipe(_fp_folder(tmp_path, "llama"), text, "smoothquant", "auto")
+    rep = _assert_same_outputs(recipe.override({"quantization.a16": ["down_proj"]}), tmp_path, 21)
+    assert rep.threshold == A16_THRESHOLD and rep.a16["count"] == 3 and rep.a16["scales_log2"]
+
+
 @pytest.mark.parametrize("alpha,reuse", [(0.0, False), (0.0, True), (0.5, True)])
 def test_sequential_equals_in_memory_without_calibration(tmp_path, text, alpha, reuse, monkeypatch):
     """alpha 0 skips calibration, --act-scales reuses it; both still check the fp16 range on window 0
@@ -124,6 +133,7 @@ def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> Report:
     assert list(rep_seq.to_dict()) == list(rep_mem.to_dict())
     assert rep_seq.alphas == rep_mem.alphas and rep_seq.calibration == rep_mem.calibration
     assert rep_seq.storage == rep_mem.storage  # auto's storage dtype from the same measured range
+    assert rep_seq.a16 == rep_mem.a16  # quantization.a16: the same rescaling, layer by layer
     assert rep_seq.quantize.mode == "sequential"
 
     a, b = _tensors(mem), _tensors(seq)
