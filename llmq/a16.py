@@ -40,7 +40,8 @@ W8A8_MAX = A16_THRESHOLD / 2  # a W8A8 group's calibrated input max is brought u
 A16_MAX = 2.0**11  # an a16 group's calibrated input (and feeding output) max is brought up to at most this
 MIN_WEIGHT_STEP = 2.0**-18  # smallest int8 weight step (row max / 127) an a16 scale may leave in the low decile
 # of rows: 64 float16 subnormal steps, so dequantizing to float16 adds under 1% of a step
-PREV_WEIGHT_MAX = 65504.0 / 4  # largest |weight| an a16 scale may give the feeding linear
+PREV_WEIGHT_MAX = 65504.0 / 4  # largest |weight| a rescaling may leave (an a16 group's feeding linear, a W8A8
+# group's consumers)
 
 
 def a16_linears(names: list[str], a16: tuple[str, ...]) -> set[str]:
@@ -117,9 +118,14 @@ def scale_for(root: nn.Module, t: SmoothTarget, a16: set[str], top: dict[str, fl
     """The power of two c that multiplies target `t`'s consumer inputs (1: leave it)."""
     m = top.get(t.key, 0.0)
     if not set(t.linear_names) <= a16:  # W8A8 consumers: under W8A8_MAX, never scaled up
-        return 2.0 ** -math.ceil(math.log2(m / W8A8_MAX)) if m > W8A8_MAX else 1.0
+        if not (W8A8_MAX < m < math.inf):
+            return 1.0
+        c = 2.0 ** -math.ceil(math.log2(m / W8A8_MAX))
+        w = max(float(linear_weight(root.get_submodule(n)).detach().abs().max()) for n in t.linear_names)
+        # their weights are multiplied by 1 / c: kept within float16 / 4 (else those columns go 16-bit at T)
+        return c if w == 0 else max(c, min(1.0, 1 / _pow2_floor(PREV_WEIGHT_MAX / w)))
     m = max(m, top.get(t.prev_name, 0.0))
-    if not m > 0 or not math.isfinite(m):
+    if not 0 < m < math.inf:
         return 1.0
     c = _pow2_floor(A16_MAX / m)
     rows = torch.cat([linear_weight(root.get_submodule(n)).detach().abs().amax(1).float().cpu()

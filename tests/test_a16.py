@@ -157,3 +157,25 @@ def test_cli_a16_flag_and_card():
     text = _method(rep, "smoothquant")
     assert "every matmul is int8 x int8" not in text and "`down_proj` (30 of them)" in text
     assert "every matmul is int8 x int8" in _method(Report(method="smoothquant", threshold=0.0), "smoothquant")
+
+
+def test_scales_are_powers_of_two_within_float16():
+    """W8A8 inputs go under W8A8_MAX unless that would push the consumers' weights past float16 / 4; a16 inputs
+    go up to A16_MAX unless the float16 weight step or the feeding weights say less; all powers of two."""
+    from llmq.a16 import scale_for
+
+    model = tiny_llama()
+    targets, a16 = layout_targets(model, linear_names(model, ("lm_head",)), ("down_proj",))
+    attn = next(t for t in targets if t.key == "model.layers.0.attn")
+    up_down = next(t for t in targets if t.key == "model.layers.0.up_down")
+    assert scale_for(model, attn, a16, {attn.key: 64.0}) == 2.0**-4  # 64 -> W8A8_MAX
+    assert scale_for(model, attn, a16, {attn.key: 3.0}) == scale_for(model, attn, a16, {}) == 1.0
+    top = {up_down.key: 2.0**-20, up_down.prev_name: 2.0**-21}
+    free = scale_for(model, up_down, a16, top)  # A16_MAX / 2^-20 = 2^31, capped by down_proj's weight step
+    assert 1 < free < 2.0**31 and free == 2.0 ** round(torch.tensor(free).log2().item())
+    assert scale_for(model, up_down, a16, {up_down.key: 1.0}) == min(free, A16_MAX)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 5000.0
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 5000.0
+    assert scale_for(model, attn, a16, {attn.key: 64.0}) == 0.5  # q_proj's weights x2 at most (<= 16376)
+    assert scale_for(model, up_down, a16, top) == 2.0  # up_proj's likewise
