@@ -153,8 +153,8 @@ def _a16(rep: Report, text: str) -> str:
         "(weight-only int8, W8A16) in the same checkpoint. Stock transformers gives every linear one threshold, "
         f"so llmq set it to {t:g} and rescaled each linear's input by an exact power of two through the norm or "
         "linear that feeds it (the float model's output unchanged): the W8A8 linears' inputs stay below the "
-        "threshold (int8 x int8), the W8A16 linears' inputs lie far above it (16-bit; their few elements below "
-        "it are int8 with a step under threshold / 127). A W8A8 input column that unseen text pushes above the "
+        "threshold (int8 x int8), the W8A16 linears' inputs lie far above it (16-bit; their small elements below "
+        "it stay int8, at a step under threshold / 127). A W8A8 input column that unseen text pushes above the "
         "threshold takes the 16-bit path too: slower, not less accurate.")
 
 
