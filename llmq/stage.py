@@ -1,7 +1,8 @@
 """The quantization stage: for one block (the whole model in memory, or one decoder layer fed by the
 sequential driver) and the calibration inputs it is run on:
 
-    calibrate -> choose and apply smoothing -> convert linears to int8 -> fp16 range check
+    calibrate -> choose and apply smoothing -> (quantization.a16: lay out the input ranges, llmq/a16.py)
+      -> convert linears to int8 -> fp16 range check
 
 Every per-block decision lives here once; llmq/run.py (in memory) and llmq/sequential.py (layer by layer)
 both call `quantize_block_` and differ only in how they feed the block and where the weights come from.
