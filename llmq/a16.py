@@ -153,3 +153,20 @@ def layout_(root: nn.Module, targets: list[SmoothTarget], a16: set[str], ids: to
             done[t.key] = int(math.log2(c))
     log.debug("a16 layout: %s", done)
     return done
+
+
+_ALL_INT8 = ": no fp16 outlier path, every matmul is int8 x int8."  # in llmq/card.py's smoothquant text
+_CARD = (" Except the linears matching {names} ({count} of them): they keep 16-bit activations (weight-only int8, "
+         "W8A16) in the same checkpoint. Stock transformers gives every linear one threshold, so llmq set it to {t:g} "
+         "and rescaled each linear's input by an exact power of two through the norm or linear that feeds it (the "
+         "float model's output unchanged): the W8A8 linears' inputs stay below the threshold (int8 x int8), the "
+         "W8A16 linears' inputs lie far above it (16-bit; their small elements below it stay int8, at a step under "
+         "threshold / 127). A W8A8 input column that unseen text pushes above the threshold takes the 16-bit path "
+         "too: slower, not less accurate.")
+
+
+def card_text(method_text: str, a16: dict) -> str:
+    """The model card's smoothquant method text with the report's `a16` exception."""
+    names = ", ".join(f"`{m}`" for m in a16.get("modules", []))
+    return method_text.replace(_ALL_INT8, ".") + _CARD.format(names=names, count=a16.get("count"),
+                                                               t=float(a16.get("threshold", "nan")))

@@ -138,24 +138,13 @@ def _method(rep: Report, method: str) -> str:
     return _a16(rep, text) + rows + _scaled(rep, method) + _rotation(rep) + _storage(rep)
 
 
-_ALL_INT8 = ": no fp16 outlier path, every matmul is int8 x int8."
-
-
 def _a16(rep: Report, text: str) -> str:
-    """The method text with quantization.a16's exception (llmq/a16.py), where the run had one."""
-    a = rep.a16 if isinstance(rep.a16, dict) else None
-    if not a:
+    """The method text with quantization.a16's exception (llmq/a16.py `card_text`), where the run had one."""
+    if not isinstance(rep.a16, dict) or not rep.a16:
         return text
-    names = ", ".join(f"`{m}`" for m in a.get("modules", []))
-    t = _num(a.get("threshold"))
-    return text.replace(_ALL_INT8, ".") + (
-        f" Except the linears matching {names} ({a.get('count')} of them): they keep 16-bit activations "
-        "(weight-only int8, W8A16) in the same checkpoint. Stock transformers gives every linear one threshold, "
-        f"so llmq set it to {t:g} and rescaled each linear's input by an exact power of two through the norm or "
-        "linear that feeds it (the float model's output unchanged): the W8A8 linears' inputs stay below the "
-        "threshold (int8 x int8), the W8A16 linears' inputs lie far above it (16-bit; their small elements below "
-        "it stay int8, at a step under threshold / 127). A W8A8 input column that unseen text pushes above the "
-        "threshold takes the 16-bit path too: slower, not less accurate.")
+    from .a16 import card_text
+
+    return card_text(text, rep.a16)
 
 
 def _storage(rep: Report) -> str:
