@@ -108,7 +108,7 @@ def test_sequential_equals_in_memory_without_calibration(tmp_path, text, alpha, 
     checked = []
     real = llmq.stage.check_fp16_range
     monkeypatch.setattr(llmq.stage, "check_fp16_range",
-                        lambda root, ids: (isinstance(root, Feed) and checked.append(root), real(root, ids)))
+                        lambda root, ids, **k: (isinstance(root, Feed) and checked.append(root), real(root, ids, **k)))
     fp = _fp_folder(tmp_path, "llama")
     recipe = _recipe(fp, text, "smoothquant", alpha).override({"quantization.gptq": False})
     if reuse:
