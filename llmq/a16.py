@@ -10,16 +10,16 @@ way, the consumers' weights the other, the float model unchanged and per-token /
 
 - a W8A8 group whose calibrated input reaches W8A8_MAX = T / 2 is scaled down under it, so its linears stay
   int8 x int8; where unseen text still reaches T, those columns take the 16-bit path (slower, not worse);
-- an a16 group is scaled up until its input, and its feeding linear's output, reach A16_MAX = 2^11 (32x under
-  float16's 65504): every element above A16_MAX / 256 .. A16_MAX / 128 (T) is then exact 16-bit, and the
-  elements below T are int8 with a step of at most T / 127, under 1/16,000 of the input's range. The scale is
-  capped so that the int8 weight step stays far above float16's subnormal spacing (bitsandbytes dequantizes the
-  weights to float16) and the feeding weights inside float16.
+- an a16 group is scaled up until its input max (and its feeding linear's output max) lies in (A16_MAX / 2,
+  A16_MAX], 2^11 being 32x under float16's 65504 and 128-256x above T: every column holding an element at T or
+  more is exact 16-bit, and elements below stay int8 at a step of at most T / 127, under 1/16,000 of the
+  calibrated max. The scale is capped so that the int8 weight step stays far above float16's subnormal spacing
+  (bitsandbytes dequantizes the weights to float16) and the feeding weights inside float16.
 
-Measured (docs/benchmarks.md, "down_proj as W8A16"): SmolLM2 down_proj as W8A16 halves W8A8's KL at int8 size,
-at about half the CPU decode speed. Only linears that are the whole consumer set of a group can be a16: their
-input must be rescalable exactly (down_proj of a gated MLP through up_proj; o_proj through v_proj; q/k/v or
-gate/up through their norm). Everything else is a ConfigError.
+Measured (docs/benchmarks.md, "Built: `--a16 down_proj`"): down_proj as W8A16 cuts W8A8's KL by 51-60% on SmolLM2
+and Gemma 3 at int8 size, for about half of W8A8's CPU decode speed. Only linears that are the whole consumer set
+of a group can be a16: their input must be rescalable exactly (down_proj of a gated MLP through up_proj; o_proj
+through v_proj; q/k/v or gate/up through their norm). Everything else is a ConfigError.
 """
 
 from __future__ import annotations
