@@ -9,7 +9,10 @@ How, per decoder layer (pre-norm RMSNorm families only, see ROTATABLE):
 - each norm's multipliers m (w, or Gemma's 1 + w) move into its consumers' input columns, W <- W diag(m), and
   the norm keeps multipliers 1; RMSNorm(x Q) = RMSNorm(x) Q because Q keeps the norm of x;
 - consumers of the stream (q/k/v, gate/up; lm_head) get W <- W Q; writers (o_proj, down_proj) W <- Q^T W
-  and b <- b Q; the embedding E <- E Q.
+  and b <- b Q; the embedding E <- E Q;
+- each attention head's values by a randomized Hadamard H of head_dim (QuaRot's R2): v_proj's rows of a head
+  W <- H^T W, b <- b H, o_proj's input columns of every query head W <- W H (one H for all heads, so GQA
+  needs nothing more); attention mixes tokens, not channels, so o_proj reads o H and undoes it.
 A tied lm_head cannot stay tied (the final norm's multipliers fold into it but not into the embedding), so it
 is untied: one more vocab x hidden matrix in the checkpoint, which the log and the report state.
 Families that normalise a sublayer's output before the residual add (Gemma 2/3's post-norms) and LayerNorm
@@ -19,12 +22,12 @@ families (mean subtraction, biases) have no exact fold and are refused.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedArchitecture
+from .hadamard import rotation
 from .quantize import FP16_MAX, check_finite_weights, nonfinite_weight
 from .smooth import smooth_targets
 
@@ -34,67 +37,6 @@ ROTATABLE = ("cwm", "ernie4_5", "exaone", "gemma", "glm", "granite", "granite_sw
              "internlm3", "iquestcoder", "llama", "ministral", "ministral3", "mistral", "phi3", "qwen2",
              "qwen3", "seed_oss", "smollm3", "vaultgemma")
 _CHUNK = 4096  # rows (or columns) of a weight rotated at once in float64
-
-
-def _sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-def _is_prime(q: int) -> bool:
-    return q > 1 and all(q % d for d in range(2, int(q**0.5) + 1))
-
-
-def _jacobsthal(q: int) -> torch.Tensor:
-    squares = {(i * i) % q for i in range(1, q)}
-    chi = [0] + [1 if a in squares else -1 for a in range(1, q)]
-    return torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
-
-
-def _paley(n: int) -> torch.Tensor | None:
-    """A Hadamard matrix of order n by Paley's constructions (q prime): I, n = q + 1, q = 3 mod 4; II,
-    n = 2(q + 1), q = 1 mod 4. None if neither applies."""
-    q = n - 1
-    if _is_prime(q) and q % 4 == 3:
-        s = torch.zeros(n, n, dtype=torch.float64)
-        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
-        return s + torch.eye(n, dtype=torch.float64)
-    q = n // 2 - 1
-    if n % 2 == 0 and _is_prime(q) and q % 4 == 1:
-        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-        c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
-        a = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-        b = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-        return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
-    return None
-
-
-@lru_cache(maxsize=8)
-def hadamard(n: int) -> torch.Tensor | None:
-    """An n x n matrix of +-1 with H H^T = n I: Sylvester (2^k) times a Paley block; None when this small
-    catalogue has none (it covers 2^k times 12, 20, 28, 36, 44, 60, 68, 72, ... e.g. 576, 640, 896, 3584)."""
-    p = n & -n  # the largest power of 2 dividing n
-    while p >= 1:
-        m = n // p
-        base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
-        if base is not None:
-            return torch.kron(base, _sylvester(p))
-        p //= 2
-    return None
-
-
-def rotation(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """An n x n orthogonal float64 matrix and its kind: a Hadamard matrix with random signs on its rows
-    (D H / sqrt(n)), or, where `hadamard` has none for n, a random orthogonal matrix (QR of a Gaussian)."""
-    g = torch.Generator().manual_seed(seed)
-    h = hadamard(n)
-    if h is None:
-        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r)), "random orthogonal"
-    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
-    return signs[:, None] * h / n**0.5, "randomized Hadamard"
 
 
 def check_rotatable(model_type: str | None) -> None:
@@ -194,6 +136,39 @@ def _norms(w: torch.Tensor, dim: int, m: torch.Tensor | None = None) -> float:
     return best
 
 
+def _heads(model: nn.Module) -> list[tuple[str, tuple[int, int], str]]:
+    """Per layer (v_proj or the fused linear holding v, its v rows [lo, hi), o_proj), from the v_o groups."""
+    return [(t.prev_name, t.prev_rows or (0, model.get_submodule(t.prev_name).weight.shape[0]), t.linear_names[0])
+            for t in smooth_targets(model) if t.group == "v_o"]
+
+
+def _head_dim(model: nn.Module) -> int:
+    cfg = model.config.get_text_config()
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _rotate_heads_(v: nn.Linear, rows: tuple[int, int], o: nn.Linear, h: torch.Tensor) -> None:
+    """R2 for one layer: v's rows per head W <- H^T W (bias b <- b H), o's input columns per head W <- W H."""
+    d, (lo, hi) = h.shape[0], rows
+    hd = h.to(v.weight.device)
+    w = v.weight[lo:hi].double().reshape(-1, d, v.weight.shape[1])
+    v.weight[lo:hi] = torch.einsum("ji,hjk->hik", hd, w).reshape(hi - lo, -1).to(v.weight.dtype)
+    if v.bias is not None:
+        v.bias[lo:hi] = (v.bias[lo:hi].double().reshape(-1, d) @ hd).reshape(-1).to(v.bias.dtype)
+    wo = o.weight.double().reshape(o.weight.shape[0], -1, d)
+    o.weight.copy_((wo @ hd).reshape(o.weight.shape).to(o.weight.dtype))
+
+
+def _head_bound(v: nn.Linear, rows: tuple[int, int], o: nn.Linear, d: int, m: torch.Tensor) -> float:
+    """An entry of H^T (W_v diag(m)) Q or of Q^T W_o H is at most the spectral norm of its head's block."""
+    lo, hi = rows
+    wv = (v.weight[lo:hi].double() * m.to(v.weight.device)).reshape(-1, d, v.weight.shape[1])
+    wo = o.weight.double().reshape(o.weight.shape[0], -1, d).transpose(0, 1)
+    bias = 0.0 if v.bias is None else v.bias[lo:hi].double().reshape(-1, d).norm(dim=1).max().item()
+    return max(torch.linalg.matrix_norm(wv, ord=2).max().item(), torch.linalg.matrix_norm(wo, ord=2).max().item(),
+               bias)
+
+
 def _stream(model: nn.Module) -> list[tuple[nn.Module | None, str | None, tuple[str, ...]]]:
     """The residual stream's readers and writers, one smoothing group at a time over every layer: (norm, its
     kind, linear names) for a group that reads the stream through a norm (attn, mlp: q/k/v, gate/up), and
@@ -234,6 +209,10 @@ def rotated_bound(model: nn.Module) -> tuple[float, str]:
             if lin.bias is not None:
                 seen.append((lin.bias.double().norm().item(), f"{n}.bias"))
     final, kind = _final_norm(model, stream)
+    readers = {n: (norm, k) for norm, k, names in stream if norm is not None for n in names}
+    for v, rows, o in _heads(model):
+        m = _multipliers(*readers[v])
+        seen.append((_head_bound(model.get_submodule(v), rows, model.get_submodule(o), _head_dim(model), m), o))
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     seen += [(_norms(head.weight, 1, _multipliers(final, kind)), "lm_head"),
              (_norms(emb.weight, 1), "the embedding")]
@@ -271,11 +250,15 @@ def rotate_(model: nn.Module, seed: int = 0) -> dict:
                  "(+%.1f MB at 16-bit)", untied / 1e6, untied * 2 / 1e6)
     _rotate_in_(head.weight, q, _take_norm(final, final_kind))
     _rotate_in_(emb.weight, q)
+    d = _head_dim(model)
+    h, _ = rotation(d, seed + 1)
+    for v, rows, o in _heads(model):
+        _rotate_heads_(model.get_submodule(v), rows, model.get_submodule(o), h)
     name = nonfinite_weight(model)
     if name is not None:
         dtype = str(model.get_parameter(name).dtype).removeprefix("torch.")
         raise ConfigError(f"rotating the residual stream overflowed {dtype} in {name} (weights or norm "
                           "multipliers near the dtype's limit); quantize with --no-rotate")
-    log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix",
-             len(model.get_decoder().layers), n, n, kind)
-    return {"kind": kind, "size": n, "seed": seed, "untied_lm_head_params": untied}
+    log.info("rotate: residual stream of %d layers rotated by a %d x %d %s matrix, each head's values by a "
+             "%d x %d one", len(model.get_decoder().layers), n, n, kind, d, d)
+    return {"kind": kind, "size": n, "seed": seed, "untied_lm_head_params": untied, "head_dim": d}

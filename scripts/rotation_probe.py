@@ -16,8 +16,8 @@ import torch
 from llmq.config import Evaluation
 from llmq.evaluate import eval_ids, evaluate_ids
 from llmq.fakequant import SimMode, simulate_
+from llmq.hadamard import hadamard
 from llmq.load import load
-from llmq.rotate import hadamard
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from conftest import tiny_llama, tiny_text, tiny_tokenizer
 from test_smooth import CASES, _build, _logits
 
 from llmq.errors import UnsupportedArchitecture
-from llmq.rotate import ROTATABLE, hadamard, rotate_, rotated_bound, rotation
+from llmq.hadamard import hadamard, rotation
+from llmq.rotate import ROTATABLE, rotate_, rotated_bound
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 28, 36, 64, 576, 640, 896, 1536, 2560, 3584, 4096])
@@ -51,6 +52,25 @@ def test_rotation_leaves_float_logits_unchanged(case, tied):
     hidden = model.config.get_text_config().hidden_size  # (per-head q/k norms, hunyuan's, are not folded)
     norms = [m for n, m in model.named_modules() if n.endswith(("layernorm", ".norm")) and m.weight.numel() == hidden]
     assert norms and all(torch.all(m.weight == (0.0 if gemma else 1.0)) for m in norms)
+
+
+@pytest.mark.parametrize("case", ["llama", "phi3", "qwen2"])  # separate v_proj, fused qkv_proj, v bias
+def test_each_heads_values_are_rotated_by_one_hadamard(case):
+    """R2: v_proj's output for every head becomes v H, H = rotation(head_dim, seed + 1), and o_proj undoes it."""
+    from llmq.rotate import _head_dim, _heads
+
+    model, _ = _build(case)
+    v_name, (lo, hi), _ = _heads(model)[0]
+    seen = []
+    model.get_submodule(v_name).register_forward_hook(lambda m, a, out: seen.append(out[..., lo:hi].detach()))
+    _logits(model)
+    rotate_(model, seed=5)
+    _logits(model)
+    d = _head_dim(model)
+    h = rotation(d, 6)[0].float()
+    before, after = (x.reshape(*x.shape[:-1], -1, d) for x in seen)
+    assert (before - after).abs().max() > 0.1 * before.abs().max()  # not the identity
+    assert torch.allclose(before @ h, after, atol=1e-5 * before.abs().max().item())
 
 
 @pytest.mark.parametrize("case", sorted(set(CASES) - set(ROTATABLE)))
