@@ -172,7 +172,9 @@ def _rotation(rep: Report) -> str:
     extra = _num(r.get("untied_lm_head_params")) or 0
     return (f" Before calibrating, the residual stream was rotated by a {r.get('size')} x {r.get('size')} "
             f"{r.get('kind', 'orthogonal')} matrix folded into the weights (QuaRot's R1: each norm's multipliers "
-            "moved into the linears it feeds, embedding and lm_head rotated), so the float model computes the "
+            "moved into the linears it feeds, embedding and lm_head rotated)"
+            + (f" and each attention head's values by a {r['head_dim']} x {r['head_dim']} one (R2, undone by "
+               "o_proj)" if r.get("head_dim") else "") + ", so the float model computes the "
             "same logits while activations have smaller outliers; the weights therefore differ from the base "
             "model's." + (f" lm_head was untied from the embedding for it: {extra / 1e6:.1f}M more parameters "
                           "in the float dtype of the non-int8 tensors." if extra else "")

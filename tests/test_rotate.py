@@ -282,6 +282,9 @@ def test_card_says_when_auto_chose_the_rotation():
     assert "rotate: auto" not in _rotation(Report("smoothquant", 0.0, rotation=r))
     assert "llmq's default choice (rotate: auto): untied lm_head." in _rotation(
         Report("smoothquant", 0.0, rotation={**r, "auto": "untied lm_head"}))
+    assert "R2" not in _rotation(Report("smoothquant", 0.0, rotation=r))  # a report from before R2
+    assert "each attention head's values by a 16 x 16 one (R2" in _rotation(
+        Report("smoothquant", 0.0, rotation={**r, "head_dim": 16}))
 
 
 def test_default_recipe_rotates_an_untied_model_and_the_guard_checks_it(tmp_path):
