@@ -31,7 +31,8 @@ class CalibrationStats:
     statistic: str = "max"  # llmq.config.STATISTICS
 
 
-_ROTATED = "llmq_rotated"  # act_scales.safetensors metadata key: "1" after --rotate; absent or "0" otherwise
+_ROTATED = "llmq_rotated"  # act_scales.safetensors metadata key: "2" after --rotate (R1 + R2); absent or "0"
+# otherwise; "1": an earlier llmq rotated the residual stream only, so its v_o maxima are in another basis
 _STATISTIC = "llmq_statistic"  # metadata key: "max" or "window-mean"; absent: "max" (files before the option)
 
 
@@ -131,7 +132,7 @@ def save_act_scales(stats: CalibrationStats, path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in stats.act_max.items()}, str(path),
-              metadata={_ROTATED: "1" if stats.rotated else "0", _STATISTIC: stats.statistic})
+              metadata={_ROTATED: "2" if stats.rotated else "0", _STATISTIC: stats.statistic})
 
 
 def load_act_scales(path, statistic: str | None = None) -> CalibrationStats:
@@ -153,10 +154,14 @@ def load_act_scales(path, statistic: str | None = None) -> CalibrationStats:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
         stats = CalibrationStats(act_max={k: v.float() for k, v in load_file(str(p)).items()},
-                                 rotated=meta.get(_ROTATED) == "1", statistic=meta.get(_STATISTIC, "max"))
+                                 rotated=meta.get(_ROTATED) == "2", statistic=meta.get(_STATISTIC, "max"))
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"--act-scales {str(p)!r} is not a readable safetensors file ({e}); pass the "
                           "act_scales.safetensors of an earlier llmq output") from None
+    if meta.get(_ROTATED) == "1":
+        raise ConfigError(f"--act-scales {str(p)!r} were measured by an earlier llmq whose --rotate left each "
+                          "head's values unrotated, so o_proj's maxima are in another basis; recalibrate without "
+                          "--act-scales")
     if statistic is not None and stats.statistic != statistic:
         raise ConfigError(f"--act-scales {str(p)!r} holds the {stats.statistic} statistic and this run asks for "
                           f"{statistic}; pass --set calibration.statistic={stats.statistic}, or recalibrate "

@@ -164,6 +164,9 @@ def test_act_scales_remember_whether_they_were_rotated(tmp_path):
 
     save_file({"a": torch.ones(3)}, tmp_path / "old.safetensors")  # written before the metadata existed
     assert not load_act_scales(tmp_path / "old.safetensors").rotated
+    save_file({"a": torch.ones(3)}, tmp_path / "r1.safetensors", metadata={"llmq_rotated": "1"})  # R1 only
+    with pytest.raises(ConfigError, match="each head's values unrotated.*recalibrate without --act-scales"):
+        load_act_scales(tmp_path / "r1.safetensors")
     unrotated = Recipe.from_dict({"model": str(src), "smoothing": {"alpha": 0.5},
                                   "quantization": {"rotate": False},
                                   "calibration": {"source": str(tmp_path / "cal.txt"), "act_scales": str(scales)}})
