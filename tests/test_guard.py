@@ -248,7 +248,8 @@ def test_rank_by_kl_is_each_linears_end_to_end_effect(a16):
         model.lm_head.weight.mul_(100)  # peaked logits: a KL far above float32 rounding (random init is flat)
     fp = copy.deepcopy(model)
     recipe = Recipe(model="tiny", calibration=Calibration(samples=4, seq_len=32), smoothing=Smoothing(alpha=0.5),
-                    quantization=Quantization(method="smoothquant", max_kl=1.0, storage_dtype="float32", a16=a16))
+                    quantization=Quantization(method="smoothquant", max_kl=1.0, storage_dtype="float32", a16=a16,
+                                              rotate=False))  # the rotation's float32 rounding alone is ~1e-5 x base
     torch.manual_seed(1)
     windows = torch.randint(0, 256, (4, 32))
     _, _, res = _quantize_(model, None, recipe, windows=windows, progress=False)
