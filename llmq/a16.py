@@ -148,6 +148,10 @@ def layout_(root: nn.Module, targets: list[SmoothTarget], a16: set[str], ids: to
     done: dict[str, int] = {}
     for t in targets:
         c = scale_for(root, t, a16, top)
+        if set(t.linear_names) <= a16 and top.get(t.key, 0.0) * c < A16_THRESHOLD:
+            log.warning("a16: %s's input reaches only %.3g after the largest safe rescaling (x%g), under the "
+                        "threshold %g: its linears stay W8A8 (int8 x int8)", t.key, top.get(t.key, 0.0) * c, c,
+                        A16_THRESHOLD)
         if c != 1.0:
             apply_scales_(root, t, torch.full((t.channels,), 1.0 / c))  # prev / s, consumers * s: inputs * c
             done[t.key] = int(math.log2(c))

@@ -179,3 +179,23 @@ def test_scales_are_powers_of_two_within_float16():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = 5000.0
     assert scale_for(model, attn, a16, {attn.key: 64.0}) == 0.5  # q_proj's weights x2 at most (<= 16376)
     assert scale_for(model, up_down, a16, top) == 2.0  # up_proj's likewise
+
+
+def test_an_a16_group_the_caps_keep_under_the_threshold_is_named(caplog, monkeypatch):
+    """Where a cap leaves an a16 group's input under T, its linears stay W8A8: the log says so, naming the group.
+    A weight-step floor of 1 makes the float16 weight-step cap bind; with the real floor _model's inputs reach T."""
+    import logging
+
+    ids = _windows()
+
+    def warned() -> list[str]:
+        model = _model()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llmq.a16"):
+            layout_(model, *layout_targets(model, linear_names(model, ("lm_head",)), ("down_proj",)), ids)
+        return [r.getMessage() for r in caplog.records if "stay W8A8" in r.getMessage()]
+
+    assert not warned()
+    monkeypatch.setattr("llmq.a16.MIN_WEIGHT_STEP", 1.0)
+    msgs = warned()
+    assert len(msgs) == 2 and all("up_down" in w and f"threshold {A16_THRESHOLD:g}" in w for w in msgs)
