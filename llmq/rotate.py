@@ -210,9 +210,10 @@ def rotated_bound(model: nn.Module) -> tuple[float, str]:
                 seen.append((lin.bias.double().norm().item(), f"{n}.bias"))
     final, kind = _final_norm(model, stream)
     readers = {n: (norm, k) for norm, k, names in stream if norm is not None for n in names}
+    d = _head_dim(model)
     for v, rows, o in _heads(model):
-        m = _multipliers(*readers[v])
-        seen.append((_head_bound(model.get_submodule(v), rows, model.get_submodule(o), _head_dim(model), m), o))
+        seen.append((_head_bound(model.get_submodule(v), rows, model.get_submodule(o), d,
+                                 _multipliers(*readers[v])), o))
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     seen += [(_norms(head.weight, 1, _multipliers(final, kind)), "lm_head"),
              (_norms(emb.weight, 1), "the embedding")]
