@@ -130,6 +130,7 @@ class Quantization:
     max_kl: float | None = None  # keep the costliest linears (llmq/guard.py) in 16-bit until held-out KL <= this
     rank_windows: int = 2  # --max-kl: calibration windows each linear's end-to-end effect is measured on
     gptq: bool = True  # error-compensated int8 weights (GPTQ with input Hessians from calibration); False: RTN
+    gptq_sink: bool = True  # GPTQ: each window's first position (the attention sink) weighs as much as the rest
     rotate: bool | str = "auto"  # rotate the residual stream first, folded into the weights (llmq/rotate.py);
     # auto: where it costs no bytes and the guard checks it (llmq/rotate.py `auto_rotate`)
     storage_dtype: str = "auto"  # of everything not int8; what stock from_pretrained runs it in (llmq/storage.py)

@@ -22,6 +22,7 @@ GPTQ minimises ||X W^T - X Wq^T||^2 = sum_r (W_r - Wq_r) H (W_r - Wq_r)^T (`hess
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -49,10 +50,17 @@ class Hessians:
     `shared` maps a module name to a key: modules with one key read the same input (q/k/v after one norm),
     which is then accumulated once, from the first of them. Use as a context manager around the forwards;
     hooks are removed on exit. Only [in, in] sums are kept, never activations.
+
+    `sink`: each sequence's first position (of inputs [batch, seq, in]) weighs in H as much as the rest of its
+    sequence together (seq - 1 times a token). That position is the attention sink: later tokens put much of
+    their attention on it, so an error in its keys and values reaches every token (docs/benchmarks.md, "The
+    first position"); GPTQ then keeps the weights' error small along that input. Token-routed (2-D) inputs
+    have no positions and are summed as they are.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], shared: Mapping[str, str] | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, sink: bool = False) -> None:
+        self.sink = sink
         self.key = {n: (shared or {}).get(n, n) for n in modules}
         self.owners: dict[str, tuple[str, nn.Module]] = {}
         for n, m in modules.items():
@@ -64,8 +72,10 @@ class Hessians:
 
     def _hook(self, key: str):
         def fn(module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            x = args[0].detach().to(self.dtype)
+            if self.sink and x.dim() == 3 and x.shape[1] > 2:
+                x = torch.cat([x[:, :1] * math.sqrt(x.shape[1] - 1), x[:, 1:]], 1)
+            x = x.reshape(-1, x.shape[-1])
             h = self.sums.get(key)
             if h is None:
                 h = self.sums[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)

@@ -128,7 +128,7 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
         from .gptq import Hessians
 
         hess = Hessians({n: root.get_submodule(n) for n in qnames},
-                        shared={n: t.key for t in targets for n in t.linear_names})
+                        shared={n: t.key for t in targets for n in t.linear_names}, sink=q.gptq_sink)
     auto = sm.alpha == "auto"
     with hess if hess is not None else contextlib.nullcontext():
         if targets and collects(recipe, scales is not None):
