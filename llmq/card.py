@@ -132,8 +132,9 @@ def _calib_dataset(cal: CalibrationInfo | None) -> str | None:
 def _method(rep: Report, method: str) -> str:
     t = _num(rep.threshold)
     text = _METHOD.get(method, f"Method `{method}`.").format(t=("not recorded" if t is None or t != t else f"{t:g}"))
+    sink = ", each window's first position, the attention sink, weighted as the rest of it" if rep.gptq_sink else ""
     rows = (" The int8 rows were chosen by GPTQ (error-compensated against each linear's input Hessian from "
-            "calibration, per-row clipped scales), not rounded to nearest." if rep.gptq else
+            f"calibration{sink}, per-row clipped scales), not rounded to nearest." if rep.gptq else
             " The int8 rows are round-to-nearest, as bitsandbytes itself quantizes.")
     return _a16(rep, text) + rows + _scaled(rep, method) + _rotation(rep) + _storage(rep)
 

@@ -54,6 +54,7 @@ class Report:
     threshold: float
     skip: list[str] = field(default_factory=list)
     gptq: bool = False  # weights rounded by llmq/gptq.py (error-compensated) rather than round-to-nearest
+    gptq_sink: bool = False  # its Hessians weigh each window's first position as the rest (quantization.gptq_sink)
     storage: dict[str, Any] | None = None  # llmq/storage.py: dtype of the non-int8 tensors, and why
     rotation: dict[str, Any] | None = None  # llmq/rotate.py: kind, size, seed, parameters an untied lm_head added
     alpha: float | str | None = None  # as asked: a number, "auto", or None (no smoothing method)

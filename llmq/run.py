@@ -78,7 +78,7 @@ def check_rotated(scales: CalibrationStats | None, recipe: Recipe) -> None:
 def block_report(recipe: Recipe, res: BlockResult) -> Report:
     """The quantization fields of the report from what the stage(s) chose and measured."""
     q, sm, cal = recipe.quantization, recipe.smoothing, recipe.calibration
-    rep = Report(method=q.method, threshold=q.effective_threshold, skip=list(q.skip), gptq=q.gptq)
+    rep = Report(q.method, q.effective_threshold, list(q.skip), gptq=q.gptq, gptq_sink=q.gptq and q.gptq_sink)
     if q.method == "smoothquant" or res.alphas:  # weight-only: when it was rescaled
         rep.alpha, rep.alphas = sm.alpha, res.alphas
     if needs_windows(recipe):

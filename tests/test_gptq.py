@@ -38,6 +38,36 @@ def test_hessians_accumulate_once_per_shared_input():
     assert hs.count("v") == hs.count("o") == 15
 
 
+
+def test_hessians_sink_weighs_each_first_position_as_the_rest_of_its_sequence():
+    lin = torch.nn.Linear(16, 4)
+    X, flat = torch.randn(3, 5, 16), torch.randn(7, 16)
+    with Hessians({"a": lin}, sink=True) as hs, Hessians({"a": lin}) as plain:
+        lin(X)
+    first, rest = X[:, 0], X[:, 1:].reshape(-1, 16)
+    assert torch.allclose(hs["a"], 4 * first.T @ first + rest.T @ rest, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(plain["a"], X.reshape(-1, 16).T @ X.reshape(-1, 16), rtol=1e-5, atol=1e-5)
+    assert hs.count("a") == 15
+    with Hessians({"a": lin}, sink=True) as routed:  # token-routed inputs (2-D) have no first position
+        lin(flat)
+    assert torch.allclose(routed["a"], flat.T @ flat, rtol=1e-5, atol=1e-5)
+
+
+def test_sink_weighting_keeps_the_first_positions_error_small():
+    """An input every sequence starts with (the sink), unlike the rest: weighted, GPTQ's error along it falls."""
+    X, W = _data(n=64 * 32)
+    X = X.view(64, 32, -1)
+    X[:, 0] = 30.0 * torch.randn(1, X.shape[-1], generator=torch.Generator().manual_seed(1))
+    lin = torch.nn.Linear(X.shape[-1], W.shape[0], bias=False)
+    with Hessians({"a": lin}) as plain, Hessians({"a": lin}, sink=True) as sink:
+        lin(X)
+    x0 = X[0, :1]
+
+    def first_err(H):
+        return float((x0 @ W.T - x0 @ dequantize(*quantize_weight(W, H)).T).norm())
+
+    assert first_err(sink["a"]) < first_err(plain["a"]) / 2
+
 def test_gptq_beats_rtn_on_correlated_inputs():
     X, W = _data()
     H = X.T @ X
@@ -187,3 +217,15 @@ def test_input_scales_are_exact_for_row_scaled_weights():
     assert colsum.max() / colsum.min() > 1.2  # what the column-sum ratio gave
     no_rows = input_scales(w, w * s[None, :])[live] / s[live]  # no row scaling: s, up to the factor
     assert (no_rows.max() / no_rows.min() - 1) < 1e-4
+
+
+def test_card_states_the_sink_weighting():
+    from llmq.card import _method
+    from llmq.report import Report
+
+    def text(**kw):
+        return _method(Report(method="smoothquant", threshold=0.0, **kw), "smoothquant")
+
+    assert "attention sink" in text(gptq=True, gptq_sink=True)
+    assert "chosen by GPTQ" in text(gptq=True) and "attention sink" not in text(gptq=True)
+    assert "GPTQ" not in text()
