@@ -54,8 +54,8 @@ class Hessians:
     `sink`: each sequence's first position (of inputs [batch, seq, in]) weighs in H as much as the rest of its
     sequence together (seq - 1 times a token). That position is the attention sink: later tokens put much of
     their attention on it, so an error in its keys and values reaches every token (docs/benchmarks.md, "The
-    first position"); GPTQ then keeps the weights' error small along that input. Token-routed (2-D) inputs
-    have no positions and are summed as they are.
+    first position in GPTQ's Hessians"); GPTQ then keeps the weights' error small along that input.
+    Token-routed (2-D) inputs have no positions and are summed as they are.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], shared: Mapping[str, str] | None = None,

@@ -38,7 +38,6 @@ def test_hessians_accumulate_once_per_shared_input():
     assert hs.count("v") == hs.count("o") == 15
 
 
-
 def test_hessians_sink_weighs_each_first_position_as_the_rest_of_its_sequence():
     lin = torch.nn.Linear(16, 4)
     X, flat = torch.randn(3, 5, 16), torch.randn(7, 16)
@@ -67,6 +66,7 @@ def test_sink_weighting_keeps_the_first_positions_error_small():
         return float((x0 @ W.T - x0 @ dequantize(*quantize_weight(W, H)).T).norm())
 
     assert first_err(sink["a"]) < first_err(plain["a"]) / 2
+
 
 def test_gptq_beats_rtn_on_correlated_inputs():
     X, W = _data()
