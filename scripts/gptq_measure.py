@@ -2,7 +2,9 @@
 
 Layer by layer on the in-memory model, each layer's linears replaced by int8 modules built from GPTQ's
 CB/SCB. Hessians from one FP forward over the calibration windows, or with --sequential from forwards
-through the layers already quantized. RTN = bitsandbytes' own conversion (`quantize_`).
+through the layers already quantized, each window's first position weighted as llmq weighs it
+(`quantization.gptq_sink`; `--no-sink`: every position alike, as before 2026-12-07). RTN = bitsandbytes' own
+conversion (`quantize_`).
 
     python scripts/gptq_measure.py --methods weight-only smoothquant --samples 8 --eval-tokens 4096
 """
@@ -37,10 +39,11 @@ def _stop(module, args, output):
     raise _Stop
 
 
-def _hessians(model, names: list[str], shared: dict, windows: torch.Tensor, stop_after=None) -> Hessians:
+def _hessians(model, names: list[str], shared: dict, windows: torch.Tensor, stop_after=None,
+              sink: bool = True) -> Hessians:
     handle = stop_after.register_forward_hook(_stop) if stop_after is not None else None
     try:
-        with Hessians({n: model.get_submodule(n) for n in names}, shared) as hs:
+        with Hessians({n: model.get_submodule(n) for n in names}, shared, sink=sink) as hs:
             for w in windows:
                 try:
                     model.base_model(w[None], use_cache=False)
@@ -61,12 +64,12 @@ def gptq_(model, cfg: Quantization, windows: torch.Tensor, clip_grid: tuple[floa
     path = get_arch(model.config.model_type).layers
     shared = {n: t.key for t in smooth_targets(model) for n in t.linear_names}  # q/k/v, gate/up share X
     names = linear_names(model, cfg.skip)
-    hs = None if sequential else _hessians(model, names, shared, windows)
+    hs = None if sequential else _hessians(model, names, shared, windows, sink=cfg.gptq_sink)
     ratios, factors = [], []
     for i, layer in enumerate(model.get_submodule(path)):
         mine = [n for n in names if n.startswith(f"{path}.{i}.")]
         if sequential:
-            hs = _hessians(model, mine, shared, windows, stop_after=layer)
+            hs = _hessians(model, mine, shared, windows, stop_after=layer, sink=cfg.gptq_sink)
         for n in mine:
             parent, _, child = n.rpartition(".")
             old = model.get_submodule(n)
@@ -98,6 +101,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--clip-grid", type=float, nargs="+", default=None, help="default: llmq.gptq.CLIP_GRID")
     ap.add_argument("--sequential", action="store_true", help="Hessians from already-quantized earlier layers")
+    ap.add_argument("--no-sink", action="store_true",
+                    help="every position alike in H (quantization.gptq_sink false)")
     ap.add_argument("--no-rtn", action="store_true", help="skip the round-to-nearest baselines")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -113,7 +118,7 @@ def main() -> None:
     ev = Evaluation(seq_len=a.eval_seq_len, max_tokens=a.eval_tokens)
     results = {"fp": evaluate(fp, tok, ev, progress=False).to_dict()}
     for method in a.methods:
-        cfg = Quantization(method=method)  # smoothquant at alpha 0: plain W8A8, no smoothing
+        cfg = Quantization(method=method, gptq_sink=not a.no_sink)  # smoothquant at alpha 0: plain W8A8
         for algo in ("gptq",) if a.no_rtn else ("rtn", "gptq"):
             m = copy.deepcopy(fp)
             t0 = time.perf_counter()
