@@ -1,16 +1,18 @@
 """The end-to-end guard of `--alpha auto`: a choice the code makes is checked on windows it did not see.
 
-After the auto model is built, the same recipe is quantized again with alpha 0 (no smoothing: naive W8A8,
-or weight-only without rescaling), for W8A8 with the family's published alpha (llmq/arch.py), and, with
-`calibration.statistic: auto` (the default), with auto under the window-mean statistic (llmq/calibrate.py:
-on some models it beats the maximum, on others not, so the held-out windows decide), and each
-model's KL(FP || int8), top-1 agreement and NLL are measured on calibration windows held out from
-calibration and the alpha search (llmq.evaluate's protocol, windows of calibration.seq_len). The model with
-the lowest KL ships: auto is never worse than alpha 0 on the guard's KL, and the report says when it fell
-back. Each candidate is built from a fresh load of the float model. The float model's logits on the held-out
-windows are computed once and kept in a temporary file (`reference_logits`, unless they outweigh the model),
-so without --max-kl the float reference is not in memory during the guard: the auto model, the best rival so
-far and the one being built.
+After the auto model is built, the same recipe is quantized again with alpha 0 (no smoothing: naive W8A8, or
+weight-only without rescaling), for W8A8 with the family's published alpha (llmq/arch.py), and, with
+`calibration.statistic: auto` (the default), with auto under the window-mean statistic (llmq/calibrate.py: on some
+models it beats the maximum, on others not, so the held-out windows decide), and each model's KL(FP || int8),
+top-1 agreement and NLL are measured on calibration windows held out from calibration and the alpha search
+(llmq.evaluate's protocol, windows of calibration.seq_len). The model with the lowest KL ships: auto is never
+worse than alpha 0 on the guard's KL, and the report says when it fell back. With GPTQ, the winner is then built
+once more with the first position of each window weighted the other way in GPTQ's Hessians
+(`quantization.gptq_sink`: it lowers KL on SmolLM2 and raises it on Gemma 3, docs/benchmarks.md "The first
+position in GPTQ's Hessians"), and the lower KL ships. Each candidate is built from a fresh load of the float
+model. The float model's logits on the held-out windows are computed once and kept in a temporary file
+(`reference_logits`, unless they outweigh the model), so without --max-kl the float reference is not in memory
+during the guard: the auto model, the best rival so far and the one being built.
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ def rivals(recipe: Recipe, model_type: str, window_mean: bool = False) -> dict[s
     if window_mean and recipe.calibration.statistic == "max":
         out["auto, window mean"] = replace(recipe, calibration=replace(recipe.calibration, statistic="window-mean"))
     return out
+
+
+def sink_rival(recipe: Recipe) -> tuple[str, Recipe] | None:
+    """(name, recipe) of `recipe` with GPTQ's first-position weighting flipped (llmq/gptq.py `Hessians`), or None
+    without GPTQ."""
+    q = recipe.quantization
+    if not q.gptq:
+        return None
+    return ("equal GPTQ weights" if q.gptq_sink else "GPTQ sink weighted",
+            replace(recipe, quantization=replace(q, gptq_sink=not q.gptq_sink)))
 
 
 def split_windows(windows: torch.Tensor, held: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,19 +120,28 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recip
     payload or None when auto wins, the measurements)."""
     result = GuardResult("auto", int(held.shape[0] * (held.shape[1] - 1)))
     result.candidates["auto"] = {"alpha": "auto", **_score(model, fp, held)}
-    best, payload, best_kl = model, None, result.candidates["auto"]["kl_divergence"]
+    best = [model, None, result.candidates["auto"]["kl_divergence"]]  # model, payload, KL
     others = rivals(recipe, model.config.model_type, window_mean)
     log.info("guard: auto's held-out KL %.4g (%d tokens); building %d rivals, one build each: %s",
-             best_kl, result.held_out_tokens, len(others), "; ".join(others))
-    for i, (name, rec) in enumerate(others.items(), 1):
-        log.info("guard: building %s (%d of %d)", name, i, len(others))
+             best[2], result.held_out_tokens, len(others), "; ".join(others))
+
+    def try_(name: str, rec: Recipe) -> None:
         rival, got = build(rec)
         result.candidates[name] = {"alpha": rec.smoothing.alpha, **_score(rival, fp, held)}
         kl = result.candidates[name]["kl_divergence"]
         log.info("guard: %s: held-out KL %.4g", name, kl)
-        if kl < best_kl:
-            best, payload, best_kl, result.chosen = rival, got, kl, name
-        del rival, got
+        if kl < best[2]:
+            best[:], result.chosen = [rival, got, kl], name
+
+    for i, (name, rec) in enumerate(others.items(), 1):
+        log.info("guard: building %s (%d of %d)", name, i, len(others))
+        try_(name, rec)
+    flip = sink_rival(recipe if result.chosen == "auto" else others[result.chosen])
+    if flip is not None:
+        name = f"{result.chosen}, {flip[0]}"
+        log.info("guard: building %s (the lowest so far, GPTQ's first position weighted the other way)", name)
+        try_(name, flip[1])
+    best, payload, best_kl = best
     if result.chosen.startswith("auto, "):  # the same search, the other rotation or statistic
         log.info("guard: %s shipped (held-out KL %.4g; auto %.4g)", result.chosen, best_kl,
                  result.candidates["auto"]["kl_divergence"])

@@ -28,6 +28,17 @@ def test_family_alpha_table_matches_configs():
             assert yaml.safe_load(path.read_text())["smoothing"]["alpha"] == arch.alpha, family
 
 
+def test_sink_rival_flips_gptqs_first_position_weighting():
+    from llmq.guard import sink_rival
+
+    rec = Recipe()
+    name, flip = sink_rival(rec)
+    assert (name, flip.quantization.gptq_sink, rec.quantization.gptq_sink) == ("equal GPTQ weights", False, True)
+    assert flip.override({"quantization.gptq_sink": True}) == rec  # nothing else changed
+    assert sink_rival(flip)[0] == "GPTQ sink weighted" and sink_rival(flip)[1].quantization.gptq_sink
+    assert sink_rival(rec.override({"quantization.gptq": False})) is None  # round-to-nearest: nothing to flip
+
+
 def test_split_windows_is_disjoint_and_spread():
     w = torch.arange(10)[:, None].expand(10, 4)
     cal, held = split_windows(w, 3)
@@ -187,18 +198,24 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path, caplog):
     g = rep.guard
     assert g is not None and g["held_out_windows"] == 3 and g["held_out_tokens"] == 3 * 31
     kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
-    assert sorted(kls) == ["alpha 0", "auto", "auto, no rotation", "auto, window mean",  # untied: rotate auto
-                           "family alpha 0.85"]  # statistic auto: the window mean is a rival
+    first = ["alpha 0", "auto", "auto, no rotation", "auto, window mean",  # untied: rotate auto
+             "family alpha 0.85"]  # statistic auto: the window mean is a rival
+    lowest = min(first, key=lambda k: (kls[k], k != "auto"))  # auto first on a tie, as the guard keeps it
+    assert sorted(kls) == sorted([*first, f"{lowest}, equal GPTQ weights"])  # then the sink weighting flipped
     said = [r.getMessage() for r in caplog.records if r.name == "llmq.guard"]  # what a user watching sees
     assert said[0].startswith(f"guard: auto's held-out KL {kls['auto']:.4g} (93 tokens); building 4 rivals")
-    for i, name in enumerate(k for k in g["candidates"] if k != "auto"):
+    for i, name in enumerate(k for k in g["candidates"] if k in first and k != "auto"):  # in build order
         assert said[1 + 2 * i : 3 + 2 * i] == [f"guard: building {name} ({i + 1} of 4)",
                                                f"guard: {name}: held-out KL {kls[name]:.4g}"]
+    flip = f"{lowest}, equal GPTQ weights"
+    assert said[9:11] == [f"guard: building {flip} (the lowest so far, GPTQ's first position weighted the other "
+                          "way)", f"guard: {flip}: held-out KL {kls[flip]:.4g}"]
     assert kls[g["chosen"]] == min(kls.values()) and kls[g["chosen"]] <= kls["alpha 0"]
     assert g["fell_back"] == (g["chosen"] != "auto")
+    assert rep.gptq_sink == (g["chosen"] != flip)  # the report is the shipped build's
     from llmq.calibrate import load_act_scales
 
-    shipped = "window-mean" if g["chosen"] == "auto, window mean" else "max"  # what the shipped model read
+    shipped = "window-mean" if g["chosen"].startswith("auto, window mean") else "max"  # what the shipped model read
     assert rep.calibration.statistic == shipped
     assert load_act_scales(tmp_path / "out" / "act_scales.safetensors").statistic == shipped
     assert rep.calibration.samples == 6 and rep.calibration.tokens == 6 * 32  # held-out windows not used
@@ -220,10 +237,12 @@ def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
     rep = run(recipe, tmp_path / "out", progress=False)
     g = rep.guard
     kls = {k: v["kl_divergence"] for k, v in g["candidates"].items()}
-    assert sorted(kls) == ["alpha 0", "auto", "auto, window mean"] and kls[g["chosen"]] == min(kls.values())
+    first = ["alpha 0", "auto", "auto, window mean"]
+    assert sorted(k for k in kls if k in first) == first and kls[g["chosen"]] == min(kls.values())
+    assert [k for k in kls if k not in first] == [f"{min(first, key=kls.get)}, equal GPTQ weights"]
     groups = {t.key for t in smooth_targets(AutoModelForCausalLM.from_pretrained(fp))}
     assert rep.alpha == "auto" and set(rep.alphas) == groups
-    if g["chosen"] == "alpha 0":
+    if g["chosen"].startswith("alpha 0"):
         assert set(rep.alphas.values()) == {0.0}
     assert _held_out_kl(tmp_path / "out", fp, recipe) == pytest.approx(kls[g["chosen"]], rel=1e-4)
     q = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -356,12 +375,14 @@ def test_reference_logits_score_as_the_live_reference():
     ("auto, window mean", "The lowest held-out KL was auto, window mean's (auto's search, window mean), so it was "
                           "shipped."),
     ("alpha 0", "Auto's held-out KL was above alpha 0's, so alpha 0 was shipped."),
+    ("auto, equal GPTQ weights", "The lowest held-out KL was auto, equal GPTQ weights's (auto's search, equal GPTQ "
+                                 "weights), so it was shipped."),
 ])
 def test_card_says_which_candidate_shipped_and_why(chosen, verdict):
     from llmq.card_checks import checks
     from llmq.report import Report
 
-    kl = {"auto": 0.03, "alpha 0": 0.02, "auto, window mean": 0.01}
+    kl = {"auto": 0.03, "alpha 0": 0.02, "auto, window mean": 0.01, "auto, equal GPTQ weights": 0.04}
     kl[chosen] = 0.001
     cands = {k: {"alpha": "auto" if k.startswith("auto") else 0.0, "kl_divergence": v, "top1_agreement": 0.9,
                  "nll": 2.0} for k, v in kl.items()}
