@@ -120,18 +120,19 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recip
     payload or None when auto wins, the measurements)."""
     result = GuardResult("auto", int(held.shape[0] * (held.shape[1] - 1)))
     result.candidates["auto"] = {"alpha": "auto", **_score(model, fp, held)}
-    best = [model, None, result.candidates["auto"]["kl_divergence"]]  # model, payload, KL
+    best, payload, best_kl = model, None, result.candidates["auto"]["kl_divergence"]
     others = rivals(recipe, model.config.model_type, window_mean)
     log.info("guard: auto's held-out KL %.4g (%d tokens); building %d rivals, one build each: %s",
-             best[2], result.held_out_tokens, len(others), "; ".join(others))
+             best_kl, result.held_out_tokens, len(others), "; ".join(others))
 
     def try_(name: str, rec: Recipe) -> None:
+        nonlocal best, payload, best_kl
         rival, got = build(rec)
         result.candidates[name] = {"alpha": rec.smoothing.alpha, **_score(rival, fp, held)}
         kl = result.candidates[name]["kl_divergence"]
         log.info("guard: %s: held-out KL %.4g", name, kl)
-        if kl < best[2]:
-            best[:], result.chosen = [rival, got, kl], name
+        if kl < best_kl:
+            best, payload, best_kl, result.chosen = rival, got, kl, name
 
     for i, (name, rec) in enumerate(others.items(), 1):
         log.info("guard: building %s (%d of %d)", name, i, len(others))
@@ -141,7 +142,6 @@ def guard_(model, recipe: Recipe, held: torch.Tensor, fp, build: Callable[[Recip
         name = f"{result.chosen}, {flip[0]}"
         log.info("guard: building %s (the lowest so far, GPTQ's first position weighted the other way)", name)
         try_(name, flip[1])
-    best, payload, best_kl = best
     if result.chosen.startswith("auto, "):  # the same search, the other rotation or statistic
         log.info("guard: %s shipped (held-out KL %.4g; auto %.4g)", result.chosen, best_kl,
                  result.candidates["auto"]["kl_divergence"])
