@@ -13,6 +13,7 @@ always those of the model as it will be quantized.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection, Sequence
 
 import torch
@@ -25,6 +26,8 @@ from .smooth import SmoothTarget, act_max, apply_scales_, expand_to_inputs, line
 
 log = logging.getLogger(__name__)
 SWEEP_RADIUS = 0.2  # the layer-output sweep tries grid values this close to a group's start (and 0)
+REFINE_STEPS, REFINE_LR, REFINE_CHECK = 40, 0.04, 10  # `refine_scales`: Adam steps, rate, exact check every N
+REFINE_BOUND = 16.0  # a refined scale stays within [1/16, 16] of the alpha formula's
 
 # err(x, w, s_in, ref, x_max): x [rows, in], w [out, in] (the group's linears stacked), s_in [in] input-space
 # scales, ref = x @ w.T, x_max [in] calibrated abs-max of the unsmoothed input -> squared error
@@ -78,6 +81,60 @@ def search_alpha_(model, targets: Sequence[SmoothTarget], stats: CalibrationStat
     return chosen, errors
 
 
+def _ste(x: torch.Tensor) -> torch.Tensor:
+    """`fq(x, dim=-1)` in the forward pass, identity in the backward pass (straight-through rounding)."""
+    return x + (fq(x, dim=-1) - x).detach()
+
+
+def token_error(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ||y_t - ref_t||^2 / ||ref_t||^2 (as `layer_error`, for one group's output)."""
+    return ((y - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=1e-12)).mean()
+
+
+@torch.no_grad()
+def refine_scales(x: torch.Tensor, w: torch.Tensor, target: SmoothTarget, act: str = "token",
+                  steps: int = REFINE_STEPS, live: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
+    """Per-channel scales r (s space) on top of a group's smoothing, fitted to its own simulated output.
+
+    x [rows, in] is the consumers' (already smoothed) input, w [out, in] their stacked weights. The
+    alpha formula ties every channel's scale to its maximum by one exponent; this frees each channel: log r
+    is fitted by Adam on token_error(fq_token(x / r) @ fq_channel(w * r)^T, x @ w^T) (act "none": x / r stays
+    float), the rounding passed straight through. Exact in float, as any smoothing scale. The error is
+    measured exactly every few steps and the best r kept; r stays within [1/REFINE_BOUND, REFINE_BOUND],
+    and channels not in `live` (dead: calibration never saw them) stay 1. Returns (r, its error / the
+    unrefined error), r None when nothing beat the start."""
+    x, w = x.float().clone(), w.float().clone()  # calibration rows are inference tensors: autograd needs copies
+    ref = x @ w.t()
+
+    def err(r: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        ri = expand_to_inputs(target, r)
+        q = _ste if ste else (lambda t: fq(t, dim=-1))
+        xi = x / ri
+        return token_error((xi if act == "none" else q(xi)) @ q(w * ri).t(), ref)
+
+    start = float(err(torch.ones(target.channels, device=x.device)))
+    if not start > 0:
+        return None, 1.0
+    u = torch.zeros(target.channels, device=x.device, requires_grad=True)
+    mask = torch.ones_like(u) if live is None else live.float().to(x.device)
+    opt = torch.optim.Adam([u], lr=REFINE_LR)
+    best, best_err = None, start
+    bound = math.log(REFINE_BOUND)
+    for step in range(1, steps + 1):
+        with torch.enable_grad():
+            loss = err(u.exp(), ste=True)
+            opt.zero_grad()
+            loss.backward()
+        u.grad.mul_(mask)
+        opt.step()
+        u.clamp_(-bound, bound)
+        if step % REFINE_CHECK == 0 or step == steps:
+            e = float(err(u.exp()))
+            if e < best_err:
+                best, best_err = u.detach().exp().clone(), e
+    return best, best_err / start
+
+
 def layer_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Sum over tokens of ||out_t - ref_t||^2 / ||ref_t||^2: each token's error relative to its own hidden
     state, as the next layer's input norm sees it. A plain squared error would be decided by the few
@@ -88,8 +145,8 @@ def layer_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[str], stats: CalibrationStats,
                         grid: Sequence[float], windows: Sequence[int] = (0,), act: str = "token",
-                        float_inputs: Collection[str] = frozenset(),
-                        ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+                        float_inputs: Collection[str] = frozenset(), refine: Collection[str] = (),
+                        ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, float]]:
     """Pick and apply, in place, one alpha per group of one decoder layer, scored by the error of the whole
     layer's output (attention with its norms, RoPE and q/k norms, and the MLP) under simulated bitsandbytes
     W8A8 (`act` "token"; "none": weight-only, inputs left float) on all the layer's linears `qnames`,
@@ -100,8 +157,10 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
     everywhere and the per-group search above; then one coordinate sweep, group by group, over the values of
     `grid` within SWEEP_RADIUS of the group's current alpha, and 0.
     A candidate whose smoothed weights, int8 inputs or outputs leave the float16 range (bitsandbytes
-    quantizes through fp16; CUDA's int8_mm_dequant writes fp16) is dropped (error inf). Returns (alpha per
-    key, error per alpha per key: the sweep's errors)."""
+    quantizes through fp16; CUDA's int8_mm_dequant writes fp16) is dropped (error inf).
+    Then the groups whose kind is in `refine` get per-channel scales on top (`refine_scales`, on their
+    calibration rows), kept only if the layer's output error falls. Returns (alpha per key, error per alpha
+    per key: the sweep's errors, refined key -> its group's error / the unrefined one)."""
     from .fakequant import SimMode, simulate_
     from .smooth import fits_fp16, smooth_target_
 
@@ -110,10 +169,16 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
     ref = [feed.output(w) for w in windows]
     keys = [t.key for t in targets]
 
-    def score(alphas: dict[str, float]) -> float:
+    def smooth_all(alphas: dict[str, float], extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         layer.load_state_dict(base)
+        applied = {t.key: smooth_target_(feed, t, stats.act_max, alphas[t.key]) for t in targets}
         for t in targets:
-            smooth_target_(feed, t, stats.act_max, alphas[t.key])
+            if t.key in extra:
+                apply_scales_(feed, t, extra[t.key])
+        return applied
+
+    def score(alphas: dict[str, float], extra: dict[str, torch.Tensor] | None = None) -> float:
+        smooth_all(alphas, extra or {})
         w_max = max(float(linear_weight(feed.get_submodule(n)).abs().max()) for n in qnames)
         peak = [0.0, 0.0]  # int8 inputs, outputs
 
@@ -147,8 +212,23 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
         a = min(errs, key=lambda x: (errs[x], x))
         best, best_err = {**best, t.key: a}, errs[a]
         errors[t.key] = {f"{x:g}": e for x, e in sorted(errs.items())}
-    layer.load_state_dict(base)
-    for t in targets:
-        smooth_target_(feed, t, stats.act_max, best[t.key])
+    extra: dict[str, torch.Tensor] = {}
+    ratios: dict[str, float] = {}
+    chosen = [t for t in targets if t.group in refine and t not in a16] if act == "token" else []
+    if chosen:  # W8A8 groups only: weight-only's and --a16's are not (not measured)
+        applied = smooth_all(best, {})
+        for t in chosen:
+            s = applied[t.key]
+            w = torch.cat([linear_weight(feed.get_submodule(n)).float() for n in t.linear_names])  # on its device
+            x = stats.samples[t.linear_names[0]].float().to(w.device)
+            x = x if s is None else x / expand_to_inputs(t, s.float().to(w.device))
+            r, ratios[t.key] = refine_scales(x, w, t, act, live=act_max(t, stats.act_max) > 0)
+            if r is not None:
+                extra[t.key] = r
+        e_refined = score(best, extra) if extra else float("inf")
+        log.debug("refined %d groups: layer error %.4g -> %.4g", len(extra), best_err, e_refined)
+        if not e_refined < best_err:
+            extra = {}
+    smooth_all(best, extra)
     log.debug("layer alphas %s (error %.4g; alpha 0: %.4g)", best, best_err, e_zero)
-    return best, errors
+    return best, errors, {k: ratios[k] for k in extra}

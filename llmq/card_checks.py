@@ -1,15 +1,17 @@
-"""Model-card sections for the end-to-end checks of a run (llmq/guard.py): the guard of `--alpha auto` (every
-candidate's held-out KL, top-1 and NLL, and which one shipped) and `--max-kl` (the linears kept in float)."""
+"""Model-card sections for the checks of a run: the per-channel refinement of `--alpha auto` (llmq/alpha.py,
+kept only where a layer's output error fell), its end-to-end guard (llmq/guard.py: every candidate's held-out
+KL, top-1 and NLL, and which one shipped) and `--max-kl` (the linears kept in float)."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from .report import Report
 
 
 def checks(rep: Report) -> list[str]:
-    return [*_guard(rep), *_keep(rep)]
+    return [*_refined(rep), *_guard(rep), *_keep(rep)]
 
 
 def _num(v: Any) -> float | None:
@@ -27,6 +29,21 @@ def _cell(v: Any) -> str:
 def _mem(b: Any) -> str | None:
     b = _num(b)
     return None if b is None else (f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB")
+
+
+def _refined(rep: Report) -> list[str]:
+    r = rep.refined
+    if not isinstance(r, dict) or not isinstance(r.get("ratios"), dict):
+        return []
+    groups = [str(g) for g in r.get("groups") or []]
+    alphas = rep.alphas if isinstance(rep.alphas, dict) else {}
+    eligible = sum(1 for k in alphas if str(k).rsplit(".", 1)[-1] in groups)
+    ratios = [v for v in map(_num, r["ratios"].values()) if v is not None]
+    took = (f"{len(ratios)} of {eligible} took them (their group's simulated error x{statistics.median(ratios):.2f}"
+            " of the alpha alone, median)" if ratios else f"none of {eligible} took them")
+    return [f"Per-channel scales (`smoothing.refine`: {', '.join(groups)}): on top of its alpha, each such group's "
+            "scales were fitted channel by channel to its simulated int8 output on its calibration rows, and kept "
+            f"only where the decoder layer's output error fell; {took}."]
 
 
 def _guard(rep: Report) -> list[str]:

@@ -193,6 +193,7 @@ def quantize_layers_(model: nn.Module, path: str, recipe, targets: list, qnames:
         total.act_max.update(res.act_max)
         total.alphas.update(res.alphas)
         total.errors.update(res.errors)
+        total.refined.update(res.refined)
         total.originals.update(res.originals)
         total.layout.update(res.layout)
         total.tokens = res.tokens

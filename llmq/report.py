@@ -59,6 +59,7 @@ class Report:
     rotation: dict[str, Any] | None = None  # llmq/rotate.py: kind, size, seed, parameters an untied lm_head added
     alpha: float | str | None = None  # as asked: a number, "auto", or None (no smoothing method)
     alphas: dict[str, float] | None = None  # chosen per smoothing group
+    refined: dict[str, Any] | None = None  # auto: smoothing.refine's groups, and each refined group's error ratio
     calibration: CalibrationInfo | None = None
     quantize: QuantizeInfo | None = None
     evaluation: dict[str, dict[str, Any]] | None = None

@@ -26,10 +26,10 @@ from .layers import catch_inputs, quantize_layers_
 from .load import check_seq_len, load, load_config
 from .memory import PeakMemory, release
 from .quantize import check_skip_matches, linear_names, mark_quantized_, replace_linears_
-from .report import CalibrationInfo, QuantizeInfo, Report
+from .report import QuantizeInfo, Report
 from .rotate import auto_rotate, check_rotatable, rotate_, unguarded_rotate
 from .save import atomic_dir, check_output, save_checkpoint
-from .stage import BlockResult, check_scales, full_pass, needs_windows, quantize_block_, smoothing_targets
+from .stage import BlockResult, block_report, check_scales, full_pass, needs_windows, quantize_block_, smoothing_targets
 from .storage import to_storage_dtype_
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,6 @@ def check_rotated(scales: CalibrationStats | None, recipe: Recipe) -> None:
                           f"{'with' if scales.rotated else 'without'} --rotate and this run is "
                           f"{'with' if rotate else 'without'} it, so they describe other channels; "
                           f"{'add' if scales.rotated else 'drop'} --rotate, or recalibrate without --act-scales")
-
-
-def block_report(recipe: Recipe, res: BlockResult) -> Report:
-    """The quantization fields of the report from what the stage(s) chose and measured."""
-    q, sm, cal = recipe.quantization, recipe.smoothing, recipe.calibration
-    rep = Report(q.method, q.effective_threshold, list(q.skip), gptq=q.gptq, gptq_sink=q.gptq and q.gptq_sink)
-    if q.method == "smoothquant" or res.alphas:  # weight-only: when it was rescaled
-        rep.alpha, rep.alphas = sm.alpha, res.alphas
-    if needs_windows(recipe):
-        rep.calibration = CalibrationInfo.of(cal, res.tokens)
-    if q.a16:
-        rep.a16 = {"modules": list(q.a16), "threshold": q.effective_threshold, "count": res.a16_count,
-                   "scales_log2": res.layout}
-    return rep
 
 
 def stamp_(report: Report, recipe: Recipe, command: str) -> Report:

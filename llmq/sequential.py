@@ -40,9 +40,9 @@ from .memory import PeakMemory, trim_heap
 from .quantize import bnb_quantization_config, check_finite_weights, check_skip_matches, linear_names, replace_linears_
 from .report import QuantizeInfo, Report
 from .rotate import unguarded_rotate
-from .run import block_report, calibration_split, finish_output, preflight, stamp_
+from .run import calibration_split, finish_output, preflight, stamp_
 from .save import atomic_dir
-from .stage import check_scales, full_pass, needs_windows, smoothing_targets
+from .stage import block_report, check_scales, full_pass, needs_windows, smoothing_targets
 from .storage import cast_unquantized_, measures_range, storage_dtype, storage_entry, stored_dtype, value_max
 
 log = logging.getLogger(__name__)

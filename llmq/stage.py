@@ -25,6 +25,7 @@ from .calibrate import CalibrationStats, calibrate
 from .config import Recipe, rescales
 from .errors import ConfigError
 from .quantize import check_finite_weights, check_fp16_range, replace_linears_
+from .report import CalibrationInfo, Report
 from .smooth import SmoothTarget, linear_weight, smooth_
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class BlockResult:
     act_max: dict[str, torch.Tensor] = field(default_factory=dict)  # freshly calibrated maxima (may be empty)
     alphas: dict[str, float] = field(default_factory=dict)  # per smoothing target key
     errors: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: error per candidate alpha
+    refined: dict[str, float] = field(default_factory=dict)  # auto: refined group -> its error / unrefined
     tokens: int = 0  # calibration tokens run through the block
     # largest |activation| the int8 layers produced on the calibration windows (llmq/layers.py; None: not
     # measured): what decides auto's storage dtype (llmq/storage.py)
@@ -150,9 +152,9 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
         if auto and callable(getattr(root, "output", None)):  # one decoder layer: score its whole output
             from .alpha import search_layer_alpha_
 
-            res.alphas, res.errors = search_layer_alpha_(root, targets, qnames, stats, sm.grid,
-                                                         windows=range(min(sm.score_windows, ids.shape[0])),
-                                                         act=simulated_act(recipe), float_inputs=layout[1])
+            res.alphas, res.errors, res.refined = search_layer_alpha_(
+                root, targets, qnames, stats, sm.grid, windows=range(min(sm.score_windows, ids.shape[0])),
+                act=simulated_act(recipe), float_inputs=layout[1], refine=sm.refine)
         elif auto:
             from .alpha import group_error, search_alpha_
 
@@ -177,6 +179,22 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
     if check_ids is not None:
         check_fp16_range(root, check_ids, every=bool(q.a16))
     return res
+
+
+def block_report(recipe: Recipe, res: BlockResult) -> Report:
+    """The quantization fields of the report from what the stage(s) chose and measured."""
+    q, sm, cal = recipe.quantization, recipe.smoothing, recipe.calibration
+    rep = Report(q.method, q.effective_threshold, list(q.skip), gptq=q.gptq, gptq_sink=q.gptq and q.gptq_sink)
+    if q.method == "smoothquant" or res.alphas:  # weight-only: when it was rescaled
+        rep.alpha, rep.alphas = sm.alpha, res.alphas
+        if sm.alpha == "auto" and sm.refine and q.method == "smoothquant":  # llmq/alpha.py refines W8A8 only
+            rep.refined = {"groups": list(sm.refine), "ratios": res.refined}
+    if needs_windows(recipe):
+        rep.calibration = CalibrationInfo.of(cal, res.tokens)
+    if q.a16:
+        rep.a16 = {"modules": list(q.a16), "threshold": q.effective_threshold, "count": res.a16_count,
+                   "scales_log2": res.layout}
+    return rep
 
 
 def input_scales(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from test_sequential import _fp_folder
 
 from llmq.arch import ARCHS
 from llmq.calibrate import calibrate
-from llmq.config import Calibration, Quantization, Recipe, Smoothing
+from llmq.config import GROUPS, Calibration, Quantization, Recipe, Smoothing
 from llmq.guard import rivals, split_windows
 from llmq.layers import Feed, catch_inputs
 from llmq.quantize import linear_names
@@ -144,6 +144,41 @@ def test_layer_error_is_per_token_relative():
     assert layer_error(out, ref) == pytest.approx(float(per_token), rel=1e-6)
 
 
+def _spiky_group(channels=32, rows=256, out=24):
+    """A one-linear group whose inputs have per-token spikes in a few channels, and its target."""
+    from llmq.smooth import SmoothTarget
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, channels, generator=g)
+    x[torch.arange(rows), torch.randint(0, 4, (rows,), generator=g)] *= 40.0  # changing spike channels
+    x[:, 7] = 0.0  # a dead channel
+    w = torch.randn(out, channels, generator=g)
+    t = SmoothTarget(key="l.0.up_down", group="up_down", prev_name="l.0.up", linear_names=("l.0.down",),
+                     prev_kind="linear", channels=channels)
+    return x, w, t
+
+
+@pytest.mark.parametrize("act", ["token", "none"])
+def test_refine_scales_lowers_the_groups_simulated_error(act):
+    """The per-channel scales beat the start on the exact (not straight-through) error, which they report;
+    they stay within the bound, and a channel calibration never saw (live False) keeps scale 1."""
+    from llmq.alpha import REFINE_BOUND, refine_scales, token_error
+    from llmq.fakequant import fq
+
+    x, w, t = _spiky_group()
+    live = x.abs().amax(0) > 0
+
+    def err(r):
+        xi = x / r
+        return float(token_error((xi if act == "none" else fq(xi, dim=-1)) @ fq(w * r, dim=-1).t(), x @ w.t()))
+
+    r, ratio = refine_scales(x, w, t, act, live=live)
+    assert r is not None and r.shape == (t.channels,)
+    assert ratio < 1.0 and err(r) == pytest.approx(ratio * err(torch.ones(t.channels)), rel=1e-4)
+    assert float(r[7]) == 1.0 and bool(((r >= 1 / REFINE_BOUND) & (r <= REFINE_BOUND)).all())
+    assert refine_scales(torch.zeros_like(x), w, t, act) == (None, 1.0)  # nothing to fit
+
+
 @pytest.mark.parametrize("act", ["token", "none"])  # W8A8, weight-only
 @torch.no_grad()
 def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output(act):
@@ -174,7 +209,8 @@ def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output(act):
             h.remove()
         return e
 
-    chosen, errors = search_layer_alpha_(feed, targets, qnames, stats, (0.0, 0.3, 0.6, 0.9), act=act)
+    chosen, errors, refined = search_layer_alpha_(feed, targets, qnames, stats, (0.0, 0.3, 0.6, 0.9), act=act)
+    assert refined == {}  # refine=(): the alphas alone
     after = {k: v.clone() for k, v in m.model.layers[0].state_dict().items()}
     assert set(chosen) == {t.key for t in targets}
     assert err(chosen) <= err(dict.fromkeys(chosen, 0.0))
@@ -183,6 +219,23 @@ def test_layer_search_never_worse_than_alpha_zero_on_the_layer_output(act):
     for t in targets:
         smooth_target_(feed, t, stats.act_max, chosen[t.key])
     assert all(torch.equal(after[k], v) for k, v in m.model.layers[0].state_dict().items())
+
+    # with every group refined: the same alphas, and refinement kept only where the layer's error fell
+    m.model.layers[0].load_state_dict(base)
+    again, _, refined = search_layer_alpha_(feed, targets, qnames, stats, (0.0, 0.3, 0.6, 0.9), act=act,
+                                            refine=("attn", "mlp", "v_o", "up_down"))
+    assert again == chosen and set(refined) <= {t.key for t in targets}
+    assert all(0 < v < 1 for v in refined.values())
+    state = copy.deepcopy(m.model.layers[0].state_dict())
+    hs = simulate_(feed, SimMode(act, "channel"), qnames)
+    e_now = layer_error(feed.output(0).float(), ref.float())
+    for h in hs:
+        h.remove()
+    m.model.layers[0].load_state_dict(state)
+    assert e_now <= err(chosen) * (1 + 1e-6)
+    assert (e_now < err(chosen)) == bool(refined)
+    m.model.layers[0].load_state_dict(state)
+    assert torch.allclose(feed.output(0), ref, rtol=1e-4, atol=1e-4)  # float: any smoothing is exact
 
 
 def test_run_auto_ships_the_lowest_held_out_kl(tmp_path, caplog):
@@ -221,6 +274,14 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path, caplog):
     assert rep.calibration.samples == 6 and rep.calibration.tokens == 6 * 32  # held-out windows not used
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Guard" in card and f"{kls['alpha 0']:.4g}" in card
+    if g["chosen"].startswith("auto"):  # the auto search's per-channel scales, in the report and the card
+        ratios = rep.refined["ratios"]
+        assert rep.refined["groups"] == list(GROUPS) and set(ratios) <= set(rep.alphas)
+        assert all(0 < v < 1 for v in ratios.values())
+        assert f"Per-channel scales (`smoothing.refine`: {', '.join(GROUPS)})" in card
+        assert (f"{len(ratios)} of {len(rep.alphas)} took them" if ratios else "none of") in card
+    else:
+        assert rep.refined is None
 
 
 def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
@@ -241,7 +302,7 @@ def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
     assert sorted(k for k in kls if k in first) == first and kls[g["chosen"]] == min(kls.values())
     assert [k for k in kls if k not in first] == [f"{min(first, key=kls.get)}, equal GPTQ weights"]
     groups = {t.key for t in smooth_targets(AutoModelForCausalLM.from_pretrained(fp))}
-    assert rep.alpha == "auto" and set(rep.alphas) == groups
+    assert rep.alpha == "auto" and set(rep.alphas) == groups and rep.refined is None  # W8A8 only
     if g["chosen"].startswith("alpha 0"):
         assert set(rep.alphas.values()) == {0.0}
     assert _held_out_kl(tmp_path / "out", fp, recipe) == pytest.approx(kls[g["chosen"]], rel=1e-4)
