@@ -104,7 +104,7 @@ class Smoothing:
     grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     auto_tokens: int = 512  # calibration rows kept per group for the per-group search (the sweep's start)
     score_windows: int = 1  # calibration windows the layer-output sweep scores every candidate on
-    refine: tuple[str, ...] = GROUPS  # W8A8 auto: groups given per-channel scales on top (llmq/alpha.py)
+    refine: tuple[str, ...] = ()  # W8A8 auto: groups given per-channel scales on top (llmq/alpha.py; opt-in)
     guard_windows: int = 4  # auto: windows held out to compare auto with its rivals (llmq/guard.py; 0: off)
 
     def __post_init__(self) -> None:

@@ -158,6 +158,15 @@ def _spiky_group(channels=32, rows=256, out=24):
     return x, w, t
 
 
+def test_refine_is_opt_in_and_checked():
+    from llmq.errors import ConfigError
+
+    assert Smoothing().refine == ()  # off by default (docs/benchmarks.md: no gain on top of the window mean)
+    assert Recipe().override({"smoothing.refine": ["up_down", "attn"]}).smoothing.refine == ("up_down", "attn")
+    with pytest.raises(ConfigError, match=r"smoothing.refine has unknown \['down'\]"):
+        Smoothing(refine=("down",))
+
+
 @pytest.mark.parametrize("act", ["token", "none"])
 def test_refine_scales_lowers_the_groups_simulated_error(act):
     """The per-channel scales beat the start on the exact (not straight-through) error, which they report;
@@ -244,7 +253,7 @@ def test_run_auto_ships_the_lowest_held_out_kl(tmp_path, caplog):
     text.write_text(tiny_text(4000))
     recipe = Recipe(model=str(fp), calibration=Calibration(source=str(text), samples=6, seq_len=32),
                     smoothing=Smoothing(alpha="auto", auto_tokens=64, guard_windows=3,
-                                        grid=(0.0, 0.4, 0.8)),
+                                        grid=(0.0, 0.4, 0.8), refine=GROUPS),  # per-channel scales too
                     quantization=Quantization(method="smoothquant"))
     with caplog.at_level("INFO", logger="llmq.guard"):
         rep = run(recipe, tmp_path / "out", progress=False)
@@ -302,7 +311,7 @@ def test_weight_only_auto_scales_guards_and_reloads_stock(tmp_path):
     assert sorted(k for k in kls if k in first) == first and kls[g["chosen"]] == min(kls.values())
     assert [k for k in kls if k not in first] == [f"{min(first, key=kls.get)}, equal GPTQ weights"]
     groups = {t.key for t in smooth_targets(AutoModelForCausalLM.from_pretrained(fp))}
-    assert rep.alpha == "auto" and set(rep.alphas) == groups and rep.refined is None  # W8A8 only
+    assert rep.alpha == "auto" and set(rep.alphas) == groups and rep.refined is None  # off (and W8A8 only)
     if g["chosen"].startswith("alpha 0"):
         assert set(rep.alphas.values()) == {0.0}
     assert _held_out_kl(tmp_path / "out", fp, recipe) == pytest.approx(kls[g["chosen"]], rel=1e-4)
