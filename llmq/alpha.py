@@ -66,7 +66,7 @@ def search_alpha_(model, targets: Sequence[SmoothTarget], stats: CalibrationStat
         if first not in stats.samples:
             raise ConfigError(f"no calibration rows for {first}; calibrate with sample_names and sample_tokens")
         x = stats.samples[first].float()
-        w = torch.cat([linear_weight(model.get_submodule(n)).float().cpu() for n in t.linear_names])
+        w = _stacked_weight(model, t).cpu()
         ref = x @ w.t()
         amax, wmax = act_max(t, stats.act_max), weight_max(model, t).float().cpu()
         x_max = stats.act_max[first].float().cpu()
@@ -86,9 +86,15 @@ def _ste(x: torch.Tensor) -> torch.Tensor:
     return x + (fq(x, dim=-1) - x).detach()
 
 
-def token_error(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ||y_t - ref_t||^2 / ||ref_t||^2 (as `layer_error`, for one group's output)."""
-    return ((y - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=1e-12)).mean()
+def token_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """||out_t - ref_t||^2 / ||ref_t||^2 per token (every dim but the last): `layer_error` sums it over a
+    layer's output, `refine_scales` averages it over a group's output rows."""
+    return (out - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=1e-12)
+
+
+def _stacked_weight(model, target: SmoothTarget) -> torch.Tensor:
+    """The group's consuming linears' weights stacked, [sum of out, in], float32 on their device."""
+    return torch.cat([linear_weight(model.get_submodule(n)).float() for n in target.linear_names])
 
 
 @torch.no_grad()
@@ -98,10 +104,10 @@ def refine_scales(x: torch.Tensor, w: torch.Tensor, target: SmoothTarget, act: s
 
     x [rows, in] is the consumers' (already smoothed) input, w [out, in] their stacked weights. The
     alpha formula ties every channel's scale to its maximum by one exponent; this frees each channel: log r
-    is fitted by Adam on token_error(fq_token(x / r) @ fq_channel(w * r)^T, x @ w^T) (act "none": x / r stays
-    float), the rounding passed straight through. Exact in float, as any smoothing scale. The error is
-    measured exactly every few steps and the best r kept; r stays within [1/REFINE_BOUND, REFINE_BOUND],
-    and channels not in `live` (dead: calibration never saw them) stay 1. Returns (r, its error / the
+    is fitted by Adam on the mean of token_errors(fq_token(x / r) @ fq_channel(w * r)^T, x @ w^T) (act
+    "none": x / r stays float), the rounding passed straight through. Exact in float, as any smoothing scale.
+    The error is measured exactly every few steps and the best r kept; r stays within [1/REFINE_BOUND,
+    REFINE_BOUND], and channels not in `live` (dead: calibration never saw them) stay 1. Returns (r, its error / the
     unrefined error), r None when nothing beat the start."""
     x, w = x.float().clone(), w.float().clone()  # calibration rows are inference tensors: autograd needs copies
     ref = x @ w.t()
@@ -110,7 +116,7 @@ def refine_scales(x: torch.Tensor, w: torch.Tensor, target: SmoothTarget, act: s
         ri = expand_to_inputs(target, r)
         q = _ste if ste else (lambda t: fq(t, dim=-1))
         xi = x / ri
-        return token_error((xi if act == "none" else q(xi)) @ q(w * ri).t(), ref)
+        return token_errors((xi if act == "none" else q(xi)) @ q(w * ri).t(), ref).mean()
 
     start = float(err(torch.ones(target.channels, device=x.device)))
     if not start > 0:
@@ -139,7 +145,7 @@ def layer_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Sum over tokens of ||out_t - ref_t||^2 / ||ref_t||^2: each token's error relative to its own hidden
     state, as the next layer's input norm sees it. A plain squared error would be decided by the few
     attention-sink tokens whose hidden states are ~1000x larger than the rest (SmolLM2: ~3000 vs ~5)."""
-    return float(((out - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=1e-12)).sum())
+    return float(token_errors(out, ref).sum())
 
 
 @torch.no_grad()
@@ -219,7 +225,7 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
         applied = smooth_all(best, {})
         for t in chosen:
             s = applied[t.key]
-            w = torch.cat([linear_weight(feed.get_submodule(n)).float() for n in t.linear_names])  # on its device
+            w = _stacked_weight(feed, t)  # on its device
             x = stats.samples[t.linear_names[0]].float().to(w.device)
             x = x if s is None else x / expand_to_inputs(t, s.float().to(w.device))
             r, ratios[t.key] = refine_scales(x, w, t, act, live=act_max(t, stats.act_max) > 0)

@@ -171,7 +171,7 @@ def test_refine_is_opt_in_and_checked():
 def test_refine_scales_lowers_the_groups_simulated_error(act):
     """The per-channel scales beat the start on the exact (not straight-through) error, which they report;
     they stay within the bound, and a channel calibration never saw (live False) keeps scale 1."""
-    from llmq.alpha import REFINE_BOUND, refine_scales, token_error
+    from llmq.alpha import REFINE_BOUND, refine_scales, token_errors
     from llmq.fakequant import fq
 
     x, w, t = _spiky_group()
@@ -179,7 +179,7 @@ def test_refine_scales_lowers_the_groups_simulated_error(act):
 
     def err(r):
         xi = x / r
-        return float(token_error((xi if act == "none" else fq(xi, dim=-1)) @ fq(w * r, dim=-1).t(), x @ w.t()))
+        return float(token_errors((xi if act == "none" else fq(xi, dim=-1)) @ fq(w * r, dim=-1).t(), x @ w.t()).mean())
 
     r, ratio = refine_scales(x, w, t, act, live=live)
     assert r is not None and r.shape == (t.channels,)
