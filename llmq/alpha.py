@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SWEEP_RADIUS = 0.2  # the layer-output sweep tries grid values this close to a group's start (and 0)
 REFINE_STEPS, REFINE_LR, REFINE_CHECK = 40, 0.04, 10  # `refine_scales`: Adam steps, rate, exact check every N
 REFINE_BOUND = 16.0  # a refined scale stays within [1/16, 16] of the alpha formula's
+REFINE_CHUNK = 2**22  # `refine_scales` works on this many weight entries at a time (16 MB float32)
 
 # err(x, w, s_in, ref, x_max): x [rows, in], w [out, in] (the group's linears stacked), s_in [in] input-space
 # scales, ref = x @ w.T, x_max [in] calibrated abs-max of the unsmoothed input -> squared error
@@ -109,14 +110,35 @@ def refine_scales(x: torch.Tensor, w: torch.Tensor, target: SmoothTarget, act: s
     The error is measured exactly every few steps and the best r kept; r stays within [1/REFINE_BOUND,
     REFINE_BOUND], and channels not in `live` (dead: calibration never saw them) stay 1. Returns (r, its error / the
     unrefined error), r None when nothing beat the start."""
-    x, w = x.float().clone(), w.float().clone()  # calibration rows are inference tensors: autograd needs copies
+    x, w = (t.float() for t in (x, w))
+    x, w = (t.clone() if t.is_inference() else t for t in (x, w))  # calibration rows are: autograd needs copies
     ref = x @ w.t()
+    den = ref.pow(2).sum(-1).clamp(min=1e-12)  # token_errors' denominator, per row
+    rows = max(1, REFINE_CHUNK // w.shape[1])  # w's output rows per piece: bounded working memory
 
     def err(r: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        """The mean token error; with `ste` (under enable_grad) its gradient is accumulated into r's leaf,
+        one piece of w's rows at a time (the return value is then detached)."""
         ri = expand_to_inputs(target, r)
         q = _ste if ste else (lambda t: fq(t, dim=-1))
         xi = x / ri
-        return token_errors((xi if act == "none" else q(xi)) @ q(w * ri).t(), ref).mean()
+        xq = xi if act == "none" else q(xi)
+        if w.shape[0] <= rows:  # one piece
+            e = token_errors(xq @ q(w * ri).t(), ref).mean()
+            if ste:
+                e.backward()
+            return e
+        xl = xq.detach().requires_grad_(ste)
+        total = torch.zeros((), device=x.device)
+        for lo in range(0, w.shape[0], rows):
+            e = ((xl @ q(w[lo:lo + rows] * ri).t() - ref[:, lo:lo + rows]).pow(2).sum(-1) / den).mean()
+            if ste:
+                e.backward(retain_graph=True)  # the graph of ri (shared by the pieces) is kept; the piece's is not
+            total += e.detach()
+            del e
+        if ste and xq.requires_grad:
+            xq.backward(xl.grad)
+        return total
 
     start = float(err(torch.ones(target.channels, device=x.device)))
     if not start > 0:
@@ -127,10 +149,9 @@ def refine_scales(x: torch.Tensor, w: torch.Tensor, target: SmoothTarget, act: s
     best, best_err = None, start
     bound = math.log(REFINE_BOUND)
     for step in range(1, steps + 1):
+        opt.zero_grad()
         with torch.enable_grad():
-            loss = err(u.exp(), ste=True)
-            opt.zero_grad()
-            loss.backward()
+            err(u.exp(), ste=True)  # accumulates u.grad
         u.grad.mul_(mask)
         opt.step()
         u.clamp_(-bound, bound)
@@ -146,6 +167,25 @@ def layer_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     state, as the next layer's input norm sees it. A plain squared error would be decided by the few
     attention-sink tokens whose hidden states are ~1000x larger than the rest (SmolLM2: ~3000 vs ~5)."""
     return float(token_errors(out, ref).sum())
+
+
+def resolve_refine(recipe, window_mean_rival: bool):
+    """`recipe` (a llmq.config.Recipe, its statistic already concrete) with smoothing.refine "auto" made concrete:
+    every smoothing group for a W8A8 `--alpha auto` build under the maximum statistic when the guard builds no
+    window-mean rival (`--sequential`, `guard_windows: 0`, `statistic: max`), else none. Measured in
+    docs/benchmarks.md: over the maximum, -2 to -19% KL on every text of three models; beside the window mean,
+    nothing reliable for 50-75% more time."""
+    from dataclasses import replace
+
+    sm = recipe.smoothing
+    if sm.refine != "auto":
+        return recipe
+    if recipe.quantization.method != "smoothquant" or sm.alpha != "auto":
+        return replace(recipe, smoothing=replace(sm, refine=()))  # nothing to refine
+    on = recipe.calibration.statistic == "max" and not window_mean_rival
+    log.info("smoothing.refine auto: %s", "per-channel scales for every group (statistic max, no window-mean rival)"
+             if on else "off (a window-mean build, which does the same job)")
+    return replace(recipe, smoothing=replace(sm, refine=tuple(sm.groups) if on else ()))
 
 
 @torch.no_grad()

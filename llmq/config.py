@@ -104,7 +104,8 @@ class Smoothing:
     grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     auto_tokens: int = 512  # calibration rows kept per group for the per-group search (the sweep's start)
     score_windows: int = 1  # calibration windows the layer-output sweep scores every candidate on
-    refine: tuple[str, ...] = ()  # W8A8 auto: groups given per-channel scales on top (llmq/alpha.py; opt-in)
+    refine: Union[tuple[str, ...], str] = "auto"  # W8A8 auto: groups given per-channel scales on top
+    # (llmq/alpha.py); auto: every group where no window-mean rival is built (llmq/alpha.py `resolve_refine`)
     guard_windows: int = 4  # auto: windows held out to compare auto with its rivals (llmq/guard.py; 0: off)
 
     def __post_init__(self) -> None:
@@ -113,8 +114,12 @@ class Smoothing:
         object.__setattr__(self, "alpha", "auto" if auto else check_alpha(a, "smoothing.alpha"))
         bad = sorted(set(self.groups) - set(GROUPS))
         _check(not bad, f"smoothing.groups has unknown {bad}; allowed: {list(GROUPS)}")
-        bad = sorted(set(self.refine) - set(GROUPS))
-        _check(not bad, f"smoothing.refine has unknown {bad}; allowed: {list(GROUPS)} or []")
+        if isinstance(self.refine, str):
+            _check(self.refine.strip().lower() == "auto", f"smoothing.refine must be auto or a list of groups "
+                   f"from {list(GROUPS)} ([] for none), got {self.refine!r}")
+            object.__setattr__(self, "refine", "auto")
+        bad = [] if self.refine == "auto" else sorted(set(self.refine) - set(GROUPS))
+        _check(not bad, f"smoothing.refine has unknown {bad}; allowed: {list(GROUPS)}, [] or auto")
         _check(len(self.grid) > 0 and all(0.0 <= g <= 1.0 for g in self.grid),
                f"smoothing.grid must be values in [0, 1], got {list(self.grid)}")
         _check(0.0 in self.grid, "smoothing.grid must include 0 (no smoothing), so auto never loses to it")

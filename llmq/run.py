@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .alpha import resolve_refine
 from .arch import check_int8_supported, layers_path
 from .calibrate import CalibrationStats, load_act_scales, resolve_statistic, save_act_scales, saved_stats
 from .config import Recipe
@@ -125,7 +126,7 @@ def quantize_model_(model, tokenizer, recipe: Recipe, *, windows: torch.Tensor |
     `quantization.rotate: auto` means off here (no guard to check it), unless the --act-scales were rotated."""
     check_skip_matches([n for n, _ in model.named_modules()], recipe.quantization.skip)
     scales = given_scales(recipe, scales)
-    recipe = resolve_statistic(recipe, scales)  # auto: no guard here to try the window mean
+    recipe = resolve_refine(resolve_statistic(recipe, scales), False)  # auto: no guard here to try the window mean
     rotate = unguarded_rotate(recipe.quantization.rotate, scales)
     recipe = replace(recipe, quantization=replace(recipe.quantization, rotate=rotate))
     report, stats, _ = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
@@ -239,6 +240,7 @@ def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = No
     both = recipe.calibration.statistic == "auto" and scales is None  # the guard also builds the window mean
     recipe, why = resolve_rotate(model, resolve_statistic(recipe, scales), scales)
     windows, held = calibration_split(tokenizer, recipe, text)
+    recipe = resolve_refine(recipe, both and held is not None and recipe.smoothing.alpha == "auto")
     built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     model, report, stats = (model, *built[:2]) if held is None else _checked_(model, tokenizer, recipe, windows,
                                                                              held, scales, built, both, progress)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import shards
+from .alpha import resolve_refine
 from .arch import layers_path
 from .calibrate import CalibrationStats, resolve_statistic, saved_stats
 from .config import Recipe
@@ -225,7 +226,7 @@ def run_sequential(recipe: Recipe, out: str | Path, *, overwrite: bool = False, 
     from transformers.core_model_loading import dot_natural_key
 
     inputs = preflight(recipe, out, overwrite)
-    recipe, asked = resolve_statistic(recipe, inputs.scales), recipe  # auto: the max (no guard here)
+    recipe, asked = resolve_refine(resolve_statistic(recipe, inputs.scales), False), recipe  # no guard here
     q, cal = recipe.quantization, recipe.calibration
     if unguarded_rotate(q.rotate, inputs.scales):
         raise ConfigError("--rotate needs the whole model in memory (it rotates the embedding, every layer and "

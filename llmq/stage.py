@@ -122,6 +122,8 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
     accumulates each linear's input Hessian, and the weights are rounded by llmq/gptq.py instead of
     bitsandbytes' round-to-nearest."""
     sm, cal, q = recipe.smoothing, recipe.calibration, recipe.quantization
+    if sm.alpha == "auto" and sm.refine == "auto":  # a driver bug: llmq/alpha.py resolve_refine decides it
+        raise ValueError("smoothing.refine auto reached the stage")
     check_finite_weights(root)
     res = BlockResult()
     stats = scales

@@ -158,19 +158,34 @@ def _spiky_group(channels=32, rows=256, out=24):
     return x, w, t
 
 
-def test_refine_is_opt_in_and_checked():
+def test_refine_auto_where_no_window_mean_rival():
+    """smoothing.refine auto (the default): every group for a W8A8 auto build under the maximum when the guard
+    builds no window-mean rival (llmq/alpha.py resolve_refine; measured in docs/benchmarks.md), else none."""
+    from llmq.alpha import resolve_refine
     from llmq.errors import ConfigError
 
-    assert Smoothing().refine == ()  # off by default (docs/benchmarks.md: no gain on top of the window mean)
-    assert Recipe().override({"smoothing.refine": ["up_down", "attn"]}).smoothing.refine == ("up_down", "attn")
+    assert Smoothing().refine == "auto" and Smoothing(refine=" AUTO").refine == "auto"
+    rec = Recipe().override({"calibration.statistic": "max"})
+    assert resolve_refine(rec, False).smoothing.refine == GROUPS  # --sequential, guard_windows 0, statistic max
+    assert resolve_refine(rec.override({"smoothing.groups": ["mlp"]}), False).smoothing.refine == ("mlp",)
+    assert resolve_refine(rec, True).smoothing.refine == ()  # the guard's window-mean rival does the same job
+    for off in ({"calibration.statistic": "window-mean"}, {"smoothing.alpha": 0.5},
+                {"quantization.method": "weight-only"}):
+        assert resolve_refine(rec.override(off), False).smoothing.refine == (), off
+    given = rec.override({"smoothing.refine": ["up_down", "attn"]})
+    assert given.smoothing.refine == ("up_down", "attn") and resolve_refine(given, True) is given
+    assert resolve_refine(rec.override({"smoothing.refine": []}), False).smoothing.refine == ()
     with pytest.raises(ConfigError, match=r"smoothing.refine has unknown \['down'\]"):
         Smoothing(refine=("down",))
+    with pytest.raises(ConfigError, match="smoothing.refine must be auto or a list of groups"):
+        Recipe().override({"smoothing.refine": "all"})
 
 
 @pytest.mark.parametrize("act", ["token", "none"])
-def test_refine_scales_lowers_the_groups_simulated_error(act):
+def test_refine_scales_lowers_the_groups_simulated_error(act, monkeypatch):
     """The per-channel scales beat the start on the exact (not straight-through) error, which they report;
-    they stay within the bound, and a channel calibration never saw (live False) keeps scale 1."""
+    they stay within the bound, and a channel calibration never saw (live False) keeps scale 1. Fitted on
+    pieces of w's rows (bounded memory), they are the same."""
     from llmq.alpha import REFINE_BOUND, refine_scales, token_errors
     from llmq.fakequant import fq
 
@@ -186,6 +201,10 @@ def test_refine_scales_lowers_the_groups_simulated_error(act):
     assert ratio < 1.0 and err(r) == pytest.approx(ratio * err(torch.ones(t.channels)), rel=1e-4)
     assert float(r[7]) == 1.0 and bool(((r >= 1 / REFINE_BOUND) & (r <= REFINE_BOUND)).all())
     assert refine_scales(torch.zeros_like(x), w, t, act) == (None, 1.0)  # nothing to fit
+    r, ratio = refine_scales(x, w, t, act, steps=2, live=live)  # (later steps amplify float noise: rounding)
+    monkeypatch.setattr("llmq.alpha.REFINE_CHUNK", 5 * t.channels)  # w's rows 5 at a time: the same steps
+    r5, ratio5 = refine_scales(x, w, t, act, steps=2, live=live)
+    assert r is not None and torch.allclose(r5, r, rtol=1e-5) and ratio5 == pytest.approx(ratio, rel=1e-5)
 
 
 @pytest.mark.parametrize("act", ["token", "none"])  # W8A8, weight-only

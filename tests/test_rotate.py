@@ -308,6 +308,7 @@ def test_default_recipe_rotates_an_untied_model_and_the_guard_checks_it(tmp_path
         report = run(recipe, tmp_path / f"q-{tied}", progress=False)
         cand = report.guard["candidates"]
         assert ("auto, no rotation" in cand) is not tied
+        assert "auto, window mean" in cand and report.refined is None  # refine auto: off beside that rival
         rotated = not tied and not report.guard["chosen"].startswith("auto, no rotation")
         assert (report.rotation is not None) is rotated
         if rotated:

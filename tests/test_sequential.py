@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_text, tiny_tokenizer
 
-from llmq.config import Calibration, Quantization, Recipe, Smoothing
+from llmq.config import GROUPS, Calibration, Quantization, Recipe, Smoothing
 from llmq.errors import ConfigError
 from llmq.report import Report
 from llmq.run import run
@@ -134,6 +134,9 @@ def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> Report:
     assert rep_seq.alphas == rep_mem.alphas and rep_seq.calibration == rep_mem.calibration
     assert rep_seq.storage == rep_mem.storage  # auto's storage dtype from the same measured range
     assert rep_seq.a16 == rep_mem.a16  # quantization.a16: the same rescaling, layer by layer
+    assert rep_seq.refined == rep_mem.refined  # refine auto: on in both (no guard), the same scales
+    auto_w8a8 = recipe.smoothing.alpha == "auto" and recipe.quantization.method == "smoothquant"
+    assert (rep_seq.refined is not None and rep_seq.refined["groups"] == list(GROUPS)) == auto_w8a8
     assert rep_seq.quantize.mode == "sequential"
 
     a, b = _tensors(mem), _tensors(seq)
