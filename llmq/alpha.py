@@ -173,8 +173,8 @@ def resolve_refine(recipe, window_mean_rival: bool):
     """`recipe` (a llmq.config.Recipe, its statistic already concrete) with smoothing.refine "auto" made concrete:
     every smoothing group for a W8A8 `--alpha auto` build under the maximum statistic when the guard builds no
     window-mean rival (`--sequential`, `guard_windows: 0`, `statistic: max`), else none. Measured in
-    docs/benchmarks.md: over the maximum, -2 to -19% KL on every text of three models; beside the window mean,
-    nothing reliable for 50-75% more time."""
+    docs/benchmarks.md: over the maximum, -6 to -19% KL on every text of SmolLM2 and Gemma 3 (Qwen2.5: within
+    rebuild noise); beside the window mean, nothing reliable; 50-80% more time either way."""
     from dataclasses import replace
 
     sm = recipe.smoothing
