@@ -136,7 +136,7 @@ def refine_scales(x: torch.Tensor, w: torch.Tensor, target: SmoothTarget, act: s
                 e.backward(retain_graph=True)  # the graph of ri (shared by the pieces) is kept; the piece's is not
             total += e.detach()
             del e
-        if ste and xq.requires_grad:
+        if ste:
             xq.backward(xl.grad)
         return total
 

@@ -240,7 +240,7 @@ def quantize_checked_(model, tokenizer, recipe: Recipe, *, text: str | None = No
     both = recipe.calibration.statistic == "auto" and scales is None  # the guard also builds the window mean
     recipe, why = resolve_rotate(model, resolve_statistic(recipe, scales), scales)
     windows, held = calibration_split(tokenizer, recipe, text)
-    recipe = resolve_refine(recipe, both and held is not None and recipe.smoothing.alpha == "auto")
+    recipe = resolve_refine(recipe, both and held is not None)  # held-out windows: the guard builds the window mean
     built = _quantize_(model, tokenizer, recipe, windows=windows, scales=scales, progress=progress)
     model, report, stats = (model, *built[:2]) if held is None else _checked_(model, tokenizer, recipe, windows,
                                                                              held, scales, built, both, progress)
