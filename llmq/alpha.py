@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SWEEP_RADIUS = 0.2  # the layer-output sweep tries grid values this close to a group's start (and 0)
 REFINE_STEPS, REFINE_LR, REFINE_CHECK = 40, 0.04, 10  # `refine_scales`: Adam steps, rate, exact check every N
 REFINE_BOUND = 16.0  # a refined scale stays within [1/16, 16] of the alpha formula's
-REFINE_CHUNK = 2**22  # `refine_scales` works on this many weight entries at a time (16 MB float32)
+PIECE = 2**22  # the group errors and `refine_scales` take this many stacked weight entries at a time (16 MB float32)
 
 # err(x, w, s_in, ref, x_max): x [rows, in], w [out, in] (the group's linears stacked), s_in [in] input-space
 # scales, ref = x @ w.T, x_max [in] calibrated abs-max of the unsmoothed input -> squared error
@@ -38,15 +38,23 @@ ErrorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torc
 def w8a8_error(x: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.Tensor,
                x_max: torch.Tensor | None = None) -> float:
     """Squared error of bitsandbytes' W8A8 (per-token activations, per-row weights) after smoothing by s_in."""
-    y = fq(x / s_in, dim=-1) @ fq(w * s_in, dim=-1).t()
-    return float((y - ref).pow(2).sum())
+    return _rows_error(fq(x / s_in, dim=-1), w, s_in, ref)
 
 
 def weight_only_error(x: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.Tensor,
                       x_max: torch.Tensor | None = None) -> float:
     """Squared error of int8 per-row weights (W8A16: the input stays float) after rescaling by s_in."""
-    y = (x / s_in) @ fq(w * s_in, dim=-1).t()
-    return float((y - ref).pow(2).sum())
+    return _rows_error(x / s_in, w, s_in, ref)
+
+
+def _rows_error(xq: torch.Tensor, w: torch.Tensor, s_in: torch.Tensor, ref: torch.Tensor) -> float:
+    """||xq @ fq_channel(w * s_in)^T - ref||^2, w's rows a PIECE of entries at a time (its rows round
+    independently), so the temporaries stay ~16 MB whatever the group's size (an 8B model's gate+up: 470 MB)."""
+    rows = max(1, PIECE // w.shape[1])
+    if w.shape[0] <= rows:  # one piece: the sum in one reduction, as before pieces existed
+        return float((xq @ fq(w * s_in, dim=-1).t() - ref).pow(2).sum())
+    return sum(float((xq @ fq(w[lo:lo + rows] * s_in, dim=-1).t() - ref[:, lo:lo + rows]).pow(2).sum())
+               for lo in range(0, w.shape[0], rows))
 
 
 def group_error(act: str) -> ErrorFn:
@@ -114,7 +122,7 @@ def refine_scales(x: torch.Tensor, w: torch.Tensor, target: SmoothTarget, act: s
     x, w = (t.clone() if t.is_inference() else t for t in (x, w))  # calibration rows are: autograd needs copies
     ref = x @ w.t()
     den = ref.pow(2).sum(-1).clamp(min=1e-12)  # token_errors' denominator, per row
-    rows = max(1, REFINE_CHUNK // w.shape[1])  # w's output rows per piece: bounded working memory
+    rows = max(1, PIECE // w.shape[1])  # w's output rows per piece: bounded working memory
 
     def err(r: torch.Tensor, ste: bool = False) -> torch.Tensor:
         """The mean token error; with `ste` (under enable_grad) its gradient is accumulated into r's leaf,

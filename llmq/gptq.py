@@ -155,15 +155,22 @@ def rtn_weight(W: torch.Tensor, H: torch.Tensor | None = None, *, clip: bool = F
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor of (H + d I)^-1, float32; d = damp * mean(diag H), x10 per failed try."""
-    H = H.double()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    base = float(H.diagonal().mean())
+    """Upper Cholesky factor of (H + d I)^-1, float32; d = damp * mean(diag H), x10 per failed try.
+
+    In float64, with at most two [in, in] float64 matrices alive at once: each step's input is freed as soon
+    as its result exists (a down_proj with 14336 inputs: 1.6 GB per matrix; llmq/plan.py counts them)."""
+    base = float(H.diagonal().double().mean())
     d = damp * base
     for _ in range(tries):
-        L, info = torch.linalg.cholesky_ex(H + d * eye)
+        A = H.to(torch.float64, copy=True)
+        A.diagonal().add_(d)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            A = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(A, upper=True)
+            del A
             if info == 0 and torch.isfinite(U).all():
                 return U.float()
         log.warning("GPTQ: Hessian not positive definite with damping %.3g; retrying with more", d)
@@ -210,8 +217,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True,
     """GPTQ for W [out, in] given its input's H [in, in] -> (CB int8 [out, in], SCB float32 [out]).
 
     See the module docstring; `clip_grid=(1.0,)` keeps bitsandbytes' abs-max scales. Deterministic."""
-    W = W.detach().float().clone()
-    H = H.detach().to(W.device).float().clone()
+    W = W.detach().float()
+    H = H.detach().to(W.device).float()
     n_in = W.shape[1]
     if H.shape != (n_in, n_in):
         raise ValueError(f"H must be [{n_in}, {n_in}] for a weight of shape {tuple(W.shape)}, got {tuple(H.shape)}")
@@ -219,13 +226,15 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True,
     dead = H.diagonal() <= 0
     if bool(dead.all()):
         return _to_int8(W, amax).to(torch.int8), amax
+    diag = H.diagonal().clone()
+    diag[dead] = diag[~dead].mean()
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_in, device=W.device)
+    W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]  # new tensors: the caller's W and H are left as they are
     H[dead, :] = 0
     H[:, dead] = 0
-    H.diagonal()[dead] = H.diagonal()[~dead].mean()
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(n_in)
-    W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().copy_(diag[perm])
     U = _inverse_cholesky(H, damp)
-    H.diagonal()[dead[perm]] = 0  # the error metric: dead inputs cost nothing
+    H.diagonal()[dead] = 0  # the error metric: dead inputs cost nothing
     out_f, grid = W.shape[0], list(clip_grid)
     per = max(1, SWEEP_ELEMENTS // W.numel())  # grid points swept together, stacked as extra rows
     best_q, best_s, best_err = None, amax, None

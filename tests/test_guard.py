@@ -123,6 +123,20 @@ def test_weight_only_error_leaves_the_input_float():
     assert group_error("none") is weight_only_error and group_error("token") is w8a8_error
 
 
+@pytest.mark.parametrize("error", ["w8a8_error", "weight_only_error"])
+def test_group_errors_in_pieces_equal_the_whole(error, monkeypatch):
+    import llmq.alpha
+
+    g = torch.Generator().manual_seed(0)
+    x, w, s = torch.randn(64, 16, generator=g), torch.randn(23, 16, generator=g), torch.rand(16, generator=g) + 0.5
+    x[:, 3] *= 50.0
+    ref = x @ w.t()
+    fn = getattr(llmq.alpha, error)
+    whole = fn(x, w, s, ref)
+    monkeypatch.setattr("llmq.alpha.PIECE", 5 * 16)  # 5 rows a piece, the last one 3
+    assert fn(x, w, s, ref) == pytest.approx(whole, rel=1e-5) and whole > 0
+
+
 def _layer_feed(model, windows):
     layers = model.model.layers
     hidden, extras = catch_inputs(model, layers, windows, torch.device("cpu"), torch.device("cpu"))
@@ -202,7 +216,7 @@ def test_refine_scales_lowers_the_groups_simulated_error(act, monkeypatch):
     assert float(r[7]) == 1.0 and bool(((r >= 1 / REFINE_BOUND) & (r <= REFINE_BOUND)).all())
     assert refine_scales(torch.zeros_like(x), w, t, act) == (None, 1.0)  # nothing to fit
     r, ratio = refine_scales(x, w, t, act, steps=2, live=live)  # (later steps amplify float noise: rounding)
-    monkeypatch.setattr("llmq.alpha.REFINE_CHUNK", 5 * t.channels)  # w's rows 5 at a time: the same steps
+    monkeypatch.setattr("llmq.alpha.PIECE", 5 * t.channels)  # w's rows 5 at a time: the same steps
     r5, ratio5 = refine_scales(x, w, t, act, steps=2, live=live)
     assert r is not None and torch.allclose(r5, r, rtol=1e-5) and ratio5 == pytest.approx(ratio, rel=1e-5)
 
