@@ -107,12 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="estimate weight bytes and the peak memory of quantizing, from the config")
     pl.add_argument("model", help=MODEL_HELP)
     pl.add_argument("--method", choices=METHODS, default="smoothquant")
+    pl.add_argument("--alpha", default="auto", help="a fixed alpha in [0, 1], or auto (the guard's int8 copies)")
     pl.add_argument("--dtype", choices=DTYPES, default="auto")
     pl.add_argument("--max-memory", default=None, help="memory budget, e.g. 24GiB or 0=20GiB,cpu=64GiB")
     pl.add_argument("--calib-samples", type=int, default=None)
     pl.add_argument("--calib-seq-len", type=int, default=None)
     pl.add_argument("--max-kl", type=float, default=None, metavar="X",
                     help="count what `quantize --max-kl` holds in memory (float linears, reference, log-probs)")
+    pl.add_argument("--no-gptq", dest="gptq", action="store_false",
+                    help="plan for round-to-nearest weights (GPTQ's Hessians and sweep not counted)")
 
     x = sub.add_parser("export", help="rewrite an llmq output folder in another format (compressed-tensors: vLLM)")
     x.add_argument("folder", help="an llmq output folder (bitsandbytes, from `llmq quantize`)")

@@ -32,7 +32,7 @@ def _on_sigterm(signum, frame):
 def _max_memory(spec: str | None) -> dict | None:
     if not spec:
         return None
-    from .plan import parse_max_memory
+    from .budget import parse_max_memory
 
     return parse_max_memory(spec)
 
@@ -177,12 +177,14 @@ def cmd_export(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from .config import Calibration
-    from .plan import detected_budget, estimate, format_plan
+    from .budget import detected_budget
+    from .config import Calibration, Smoothing
+    from .plan import estimate, format_plan
 
     cal = Calibration(samples=a.calib_samples or Calibration.samples, seq_len=a.calib_seq_len or Calibration.seq_len)
     plan = estimate(a.model, method=a.method, dtype=a.dtype, calib_samples=cal.samples, calib_seq_len=cal.seq_len,
-                    max_memory=_max_memory(a.max_memory) or detected_budget(), max_kl=a.max_kl)
+                    max_memory=_max_memory(a.max_memory) or detected_budget(), max_kl=a.max_kl, gptq=a.gptq,
+                    alpha=Smoothing(alpha=a.alpha).alpha)
     print(format_plan(plan))
     return 0
 

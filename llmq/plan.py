@@ -9,70 +9,38 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
 - calibration working set of one window through one layer: L * (4h + 3I) * d + heads * L^2 * d (attention
   scores, the eager/math upper bound); the in-memory forward also makes the logits, L * vocab * d.
 - in-memory peak (llmq.run): the float model + the larger of that working set and one linear's
-  conversion (its fp16 copy + int8); on CPU plus the memory-mapped checkpoint pages resident while
-  from_pretrained copies them (~ the float model again) and the auto-alpha row samples of one layer
-  (auto_tokens x in_features float32 per group). With auto alpha the guard (llmq/guard.py) holds the auto
-  model and the best rival so far beside the one being built: + 2 x int8 (the float reference's logits go to
-  a temporary file). `--max-kl` (llmq/guard.py `keep_sensitive_`) adds a float copy of every converted linear
-  (what it can put back), the float reference, and its float32 log-probabilities on the ranking windows
-  (rank_windows * L * vocab * 4: 0.2 GB for SmolLM2, 1.1 GB for Gemma 3's 262k vocabulary).
+  conversion (its fp16 copy + int8) + the stage's working set (below); on CPU plus the memory-mapped
+  checkpoint pages resident while from_pretrained copies them (~ the float model again) and the auto-alpha
+  row samples of one layer (auto_tokens x in_features float32 per group). With auto alpha the guard
+  (llmq/guard.py) holds the auto model and the best rival so far beside the one being built: + 2 x int8
+  (the float reference's logits go to a temporary file). `--max-kl` (llmq/guard.py `keep_sensitive_`) adds
+  a float copy of every converted linear (what it can put back), the float reference, and its float32
+  log-probabilities on the ranking windows (rank_windows * L * vocab * 4: 0.2 GB for SmolLM2, 1.1 GB for
+  Gemma 3's 262k vocabulary).
 - sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
   window's working set + the larger of (the non-layer weights but the head, and layer 0, which the catcher
-  runs once, while the layer inputs are caught) and (the largest float layer + its int8 copy, in the layer
-  loop). llm-int8 / weight-only do not calibrate: one layer, float + int8. On a GPU, CPU memory holds a
-  layer in transit (`sequential_host_bytes`); unchanged non-layer tensors are copied file to file, never loaded.
-These are estimates (allocator slack, CUDA context and Python are not counted): leave ~10% headroom.
+  runs once, while the layer inputs are caught) and (the largest float layer + its int8 copy + the
+  stage's working set, in the layer loop); on CPU + the layer's mapped checkpoint pages. Without GPTQ,
+  llm-int8 / weight-only alpha 0 do not calibrate: one layer, float + int8. On a GPU, CPU memory holds a
+  layer in transit (`sequential_host_bytes`); unchanged non-layer tensors are copied file to file, never
+  loaded, but those whose dtype changes (to the storage dtype) are loaded on CPU at the end, together, cast
+  one by one and serialised: 2 x the non-layer weights + their largest tensor, counted as if all changed.
+- the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its float32 copy of one layer's
+  linears, and the larger of the largest linear's factorization (~6 x in^2 x 4 bytes: 20 GB for a
+  down_proj with 28672 inputs) and the alpha search's copy of the layer.
+These are estimates (allocator slack, CUDA context and Python are not counted): leave ~20% headroom.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from .budget import detected_budget, main_device_key
 from .config import rescales
 from .errors import ConfigError, LlmqError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def parse_size(text: str) -> int:
-    """'24GiB' / '20GB' / '512MiB' / '1000000' (bytes) -> bytes."""
-    m = _SIZE.match(str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"memory size {text!r} is not understood; write a number with a unit: GiB, GB, "
-                          "MiB, MB or bytes (e.g. 24GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def main_device_key() -> int | str:
-    return 0 if torch.cuda.is_available() else "cpu"
-
-
-def parse_max_memory(spec: str) -> dict[int | str, int]:
-    """'24GiB' (the main device: cuda:0 if present, else cpu) or '0=20GiB,1=20GiB,cpu=64GiB' -> bytes per
-    device, the `max_memory` accelerate and transformers take."""
-    if not spec or not spec.strip():
-        raise ConfigError("--max-memory is empty; give e.g. 24GiB or 0=20GiB,cpu=64GiB")
-    if "=" not in spec:
-        return {main_device_key(): parse_size(spec)}
-    out: dict[int | str, int] = {}
-    for part in spec.split(","):
-        key, sep, size = part.partition("=")
-        key = key.strip().lower().removeprefix("cuda:")
-        if not sep or not (key.isdigit() or key in ("cpu", "mps")):
-            raise ConfigError(f"--max-memory entry {part.strip()!r} is not DEVICE=SIZE; devices are GPU "
-                              "indices (0, 1, ...) or cpu, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-        dev: int | str = int(key) if key.isdigit() else key
-        if dev in out:
-            raise ConfigError(f"--max-memory names device {dev!r} twice in {spec!r}")
-        out[dev] = parse_size(size)
-    return out
 
 
 @dataclass(frozen=True)
@@ -130,9 +98,9 @@ def _config(config_or_model_id: Any, trust_remote_code: bool):
 def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", calib_samples: int,
              calib_seq_len: int, max_memory: dict | None = None, alpha: float | str = "auto",
              auto_tokens: int = 512, skip: tuple[str, ...] = ("lm_head",), max_kl: float | None = None,
-             rank_windows: int = 2, trust_remote_code: bool = False) -> Plan:
+             rank_windows: int = 2, gptq: bool = True, trust_remote_code: bool = False) -> Plan:
     """Estimate weight bytes and the peak memory of the in-memory and sequential modes from the config."""
-    from .arch import layers_path
+    from .arch import ARCHS, layers_path
     from .config import METHODS
     from .load import skeleton
     from .quantize import linear_names
@@ -153,7 +121,7 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     n_layers = len(model.get_submodule(path))
     rows = {f"{n}.weight": linear_weight(model.get_submodule(n)).shape[0] for n in linear_names(model, skip)}
     layer_fp, layer_q = [0] * n_layers, [0] * n_layers
-    fp = q = params = 0
+    fp = q = params = outer = 0  # outer: the largest parameter outside the layers
     for pname, p in model.named_parameters():  # tied parameters are listed once
         b = p.numel() * d
         bq = p.numel() + 4 * rows[pname] if pname in rows else b  # int8 + one float32 scale per row
@@ -162,6 +130,8 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
             i = int(pname[len(path) + 1:].split(".")[0])
             layer_fp[i] += b
             layer_q[i] += bq
+        else:
+            outer = max(outer, b)
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     head_b = 0 if head is None or tied else head.weight.numel() * d
@@ -169,16 +139,19 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     h, inter = text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
     L, n = calib_seq_len, calib_samples
     calibrates = rescales(method, alpha)
+    windows = calibrates or gptq  # calibration windows pass through the layers (GPTQ: its Hessians)
+    targets = smooth_targets(model) if calibrates and (method == "smoothquant" or config.model_type in ARCHS) else []
+    stage = _stage_bytes(model, path, n_layers, rows, targets, max(layer_fp), gptq, calibrates and alpha == "auto")
     heads = getattr(text, "num_attention_heads", None) or 1  # (none in Mamba, RWKV: no attention scores)
     act = L * (4 * h + 3 * inter) * d + heads * L * L * d
     logits = L * text.vocab_size * d
     biggest_linear = max((model.get_parameter(k).numel() for k in rows), default=0) * 3  # fp16 copy + int8
     samples = 0
     if calibrates and alpha == "auto":  # float32 rows kept per smoothing group of one layer (layer by layer)
-        for t in smooth_targets(model):
+        for t in targets:
             samples += auto_tokens * linear_weight(model.get_submodule(t.linear_names[0])).shape[1] * 4
         samples //= max(n_layers, 1)
-    in_memory = fp + max(act + logits if calibrates else 0, biggest_linear)
+    in_memory = fp + max(act + logits if windows else 0, biggest_linear) + stage
     guarded = calibrates and alpha == "auto"
     if guarded:  # the guard: the auto model and the best rival beside the one being built
         in_memory += 2 * q
@@ -188,15 +161,21 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     if key == "cpu":  # while from_pretrained copies weights out of the memory-mapped checkpoint, both are resident
         in_memory += fp + samples
     non_layer = fp - sum(layer_fp)
-    # alpha 0 needs no maxima: only window 0 passes through the layers, for the fp16 range check
-    hidden = (n if alpha == "auto" or float(alpha) != 0 else 1) * L * h * d if calibrates else 0
+    # smoothquant alpha 0 without GPTQ needs no maxima: only window 0 passes, for the fp16 range check
+    hidden = (n if gptq or alpha == "auto" or float(alpha) != 0 else 1) * L * h * d if windows else 0
     big = max(range(n_layers), key=lambda i: layer_fp[i] + layer_q[i])
     # catching the layer inputs needs the non-layer weights but the head, and layer 0; the layer loop one
-    # layer, in float and int8; both hold the hidden states. Without calibration only the layer loop runs.
-    loop = layer_fp[big] + layer_q[big]
-    phase = max(non_layer - head_b + layer_fp[0], loop) if calibrates else loop
-    seq_device = phase + (hidden + act + L * h * d if calibrates else 0)
-    seq_host = layer_fp[big]  # a layer read on CPU on its way to the GPU; the head is never read
+    # layer, in float and int8, and the stage's working set; both hold the hidden states. Without
+    # calibration windows only the layer loop runs.
+    loop = layer_fp[big] + layer_q[big] + stage
+    phase = max(non_layer - head_b + layer_fp[0], loop) if windows else loop
+    seq_device = phase + (hidden + act + L * h * d if windows else 0)
+    # a layer read on CPU on its way to the GPU; at the end, on CPU, the non-layer tensors whose dtype
+    # changes (llmq/sequential.py `_write_outside`: all of them at most), one cast copy at a time, and
+    # their bytes as safetensors' save_file serialises them
+    seq_host = max(layer_fp[big], 2 * non_layer + outer)
+    if key == "cpu":  # the layer's memory-mapped checkpoint pages, resident beside its copy
+        seq_device = max(seq_device + layer_fp[big], seq_host)
     budget = max_memory.get(key) if max_memory else None
     host_budget = max_memory.get("cpu") if max_memory and key != "cpu" else None
     return Plan(
@@ -212,6 +191,36 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
         and (host_budget is None or seq_host <= host_budget),
         sequential_supported=readable,
     )
+
+
+def _stage_bytes(model, path: str, n_layers: int, rows: dict[str, int], targets, layer_bytes: int, gptq: bool,
+                 search: bool) -> int:
+    """What llmq/stage.py holds beside one layer's weights (the largest over layers), float32 throughout:
+    GPTQ's input Hessians (one per smoothing group, else per linear), a float32 copy of the layer's linears
+    (`before`) and the largest linear's own working set (its scaled and its permuted H, two float64 [in, in]
+    factors at once and a copy of W while H^-1 is factored; then H, U and 3 copies of W per clip factor
+    swept at once, and 3 more, while it sweeps);
+    the alpha search's copy of the layer (`base`) and its largest group's stacked weights (the pieces are
+    16 MB), at another time than the sweep. Measured on CPU (docs/large-models.md)."""
+    from .gptq import STAGE_CLIP_GRID, SWEEP_ELEMENTS
+    from .smooth import linear_weight
+
+    key = {n: t.key for t in targets for n in t.linear_names}
+    most = 0
+    for i in range(n_layers):
+        shapes = {k[:-len(".weight")]: linear_weight(model.get_submodule(k[:-len(".weight")])).shape
+                  for k in rows if k.startswith(f"{path}.{i}.")}
+        hess = {key.get(n, n): c * c * 4 for n, (_, c) in shapes.items()}  # [in, in] per distinct input
+        swept = {n: min(len(STAGE_CLIP_GRID), max(1, SWEEP_ELEMENTS // (r * c))) for n, (r, c) in shapes.items()}
+        sweep = max((max(6 * c + r, 3 * c + (3 * swept[n] + 3) * r) * c * 4 for n, (r, c) in shapes.items()),
+                    default=0)
+        group = max((sum(r * c for n, (r, c) in shapes.items() if key.get(n) == t.key) * 4 for t in targets),
+                    default=0)
+        work = layer_bytes + group if search else 0
+        if gptq and shapes:
+            work = sum(hess.values()) + sum(r * c for r, c in shapes.values()) * 4 + max(sweep, work)
+        most = max(most, work)
+    return most
 
 
 def should_run_sequential(plan: Plan) -> bool:
@@ -241,25 +250,14 @@ def format_plan(plan: Plan) -> str:
                             + ("" if plan.sequential_supported else " (needs a safetensors checkpoint)")),
     ]
     if plan.device != "cpu":
-        rows.append(("sequential CPU memory", f"{_gib(plan.sequential_host_bytes)} (one layer in transit)"))
+        rows.append(("sequential CPU memory",
+                     f"{_gib(plan.sequential_host_bytes)} (a layer in transit; the non-layer weights at the end)"))
     width = max(len(k) for k, _ in rows)
     mode = ("sequential (in-memory does not fit)" if should_run_sequential(plan)
             else "in-memory" if plan.fits_in_memory
             else "in-memory does not fit; sequential would, from a safetensors checkpoint" if plan.fits_sequential
             else "neither fits the budget")
     return "\n".join([*(f"{k.ljust(width)}  {v}" for k, v in rows), f"{'mode'.ljust(width)}  {mode}"])
-
-
-def detected_budget() -> dict[int | str, int]:
-    """What is free now on the main device: CUDA free memory of GPU 0, else the CPU's MemAvailable."""
-    if torch.cuda.is_available():
-        return {0: int(torch.cuda.mem_get_info(0)[0])}
-    from pathlib import Path
-
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return {"cpu": int(line.split()[1]) * 1024}
-    raise ConfigError("cannot read the available memory here; pass --max-memory (e.g. --max-memory 16GiB)")
 
 
 def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
@@ -275,7 +273,7 @@ def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
                             max_memory=max_memory or detected_budget(), alpha=sm.alpha,
                             auto_tokens=sm.auto_tokens, skip=recipe.quantization.skip,
                             max_kl=recipe.quantization.max_kl, rank_windows=recipe.quantization.rank_windows,
-                            trust_remote_code=recipe.trust_remote_code)
+                            gptq=recipe.quantization.gptq, trust_remote_code=recipe.trust_remote_code)
         except LlmqError as e:
             # the estimate is advisory: the in-memory run reports user errors (bad config...) with its own
             # message; anything else is a bug in the estimate and surfaces as one

@@ -211,7 +211,8 @@ def _offload_hidden(recipe: Recipe, device: torch.device, max_memory: dict | Non
     plan = estimate(recipe.model, method=recipe.quantization.method, dtype=recipe.dtype,
                     calib_samples=cal.samples, calib_seq_len=cal.seq_len, max_memory=max_memory,
                     alpha=recipe.smoothing.alpha, auto_tokens=recipe.smoothing.auto_tokens,
-                    skip=recipe.quantization.skip, trust_remote_code=recipe.trust_remote_code)
+                    skip=recipe.quantization.skip, gptq=recipe.quantization.gptq,
+                    trust_remote_code=recipe.trust_remote_code)
     log.info("memory plan:\n%s", format_plan(plan))
     if not plan.fits_sequential:
         log.warning("the estimated sequential peak (%.2f GiB) exceeds the budget (%.2f GiB); trying anyway",

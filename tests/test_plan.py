@@ -6,16 +6,10 @@ import pytest
 import torch
 from conftest import tiny_llama, tiny_tokenizer
 
+from llmq.budget import main_device_key, parse_max_memory, parse_size
 from llmq.config import Quantization
 from llmq.errors import ConfigError
-from llmq.plan import (
-    estimate,
-    format_plan,
-    main_device_key,
-    parse_max_memory,
-    parse_size,
-    should_run_sequential,
-)
+from llmq.plan import estimate, format_plan, should_run_sequential
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 GiB = 2**30
@@ -78,9 +72,13 @@ def test_budget_decides_the_mode():
     small = estimate(cfg, method="smoothquant", dtype="float32", calib_samples=8, calib_seq_len=64,
                      max_memory={"cpu": base.sequential_peak_bytes // 2})
     assert not small.fits_sequential and not should_run_sequential(small)
-    # no calibration without smoothing (weight-only alpha 0): no hidden states to hold
-    w8 = estimate(cfg, method="weight-only", dtype="float32", calib_samples=8, calib_seq_len=64, alpha=0.0)
+    # no calibration without smoothing or GPTQ (weight-only alpha 0, round-to-nearest): no hidden states to hold
+    w8 = estimate(cfg, method="weight-only", dtype="float32", calib_samples=8, calib_seq_len=64, alpha=0.0, gptq=False)
     assert w8.hidden_states_bytes == 0 and w8.sequential_peak_bytes < base.sequential_peak_bytes
+    # GPTQ's Hessians come from every calibration window through the layers, whatever the method
+    for method in ("weight-only", "llm-int8"):
+        g = estimate(cfg, method=method, dtype="float32", calib_samples=8, calib_seq_len=64, alpha=0.0)
+        assert g.hidden_states_bytes == base.hidden_states_bytes > 0
     # weight-only with auto scaling calibrates as smoothquant does
     w8_auto = estimate(cfg, method="weight-only", dtype="float32", calib_samples=8, calib_seq_len=64)
     assert w8_auto.hidden_states_bytes == base.hidden_states_bytes
@@ -101,25 +99,29 @@ def test_max_kl_counts_what_it_holds():
         assert kept.sequential_peak_bytes == base.sequential_peak_bytes  # --max-kl runs in memory only
 
 
-@pytest.mark.parametrize("name,params,in_memory_fits", [
-    ("llama-3-8b", 8_030_261_248, True), ("llama-2-13b", 13_015_864_320, False),
-    ("llama-3-70b", 70_553_706_496, False)])
-def test_llama_configs_on_a_24gib_gpu(name, params, in_memory_fits):
+@pytest.mark.parametrize("name,params,inter,in_memory_fits,gptq_sequential_fits", [
+    ("llama-3-8b", 8_030_261_248, 14336, True, True), ("llama-2-13b", 13_015_864_320, 13824, False, True),
+    ("llama-3-70b", 70_553_706_496, 28672, False, False)])
+def test_llama_configs_on_a_24gib_gpu(name, params, inter, in_memory_fits, gptq_sequential_fits):
     """docs/large-models.md's figures: published parameter counts, and what fits one 24 GiB GPU (a fixed alpha;
-    auto's guard holds two int8 models beside the one it builds, so 8B no longer fits)."""
+    auto's guard holds two int8 models beside the one it builds, so 8B no longer fits). GPTQ (the default)
+    factors each down_proj's [inter, inter] Hessian in float64: 70B's does not fit beside the rest."""
     budget = parse_max_memory("0=24GiB,cpu=64GiB")
-    plan = estimate(str(FIXTURES / name), method="smoothquant", dtype="float16", calib_samples=32,
-                    calib_seq_len=512, max_memory=budget, alpha=0.5)
-    auto = estimate(str(FIXTURES / name), method="smoothquant", dtype="float16", calib_samples=32,
-                    calib_seq_len=512, max_memory=budget, alpha="auto")
+    kw = dict(method="smoothquant", dtype="float16", calib_samples=32, calib_seq_len=512, max_memory=budget)
+    plan = estimate(str(FIXTURES / name), alpha=0.5, **kw)
+    auto = estimate(str(FIXTURES / name), alpha="auto", **kw)
+    rtn = estimate(str(FIXTURES / name), alpha=0.5, gptq=False, **kw)
     assert not auto.fits_in_memory
     assert auto.in_memory_peak_bytes - plan.in_memory_peak_bytes == 2 * plan.int8_weight_bytes
     assert plan.params == params and plan.device == "cuda:0"
     assert plan.fp_weight_bytes == 2 * params
     assert 0.5 < plan.int8_weight_bytes / plan.fp_weight_bytes < 0.6  # embeddings and head stay 16-bit
     assert plan.fits_in_memory == in_memory_fits
-    assert plan.fits_sequential and plan.sequential_peak_bytes < 6 * GiB
-    assert should_run_sequential(plan) == (not in_memory_fits)
+    # GPTQ holds down_proj's float64 factors (2 x 8 bytes per entry) and two float32 copies of its H at once
+    assert plan.sequential_peak_bytes - rtn.sequential_peak_bytes >= 6 * inter**2 * 4
+    assert plan.fits_sequential == gptq_sequential_fits
+    assert rtn.fits_sequential and rtn.sequential_peak_bytes < 6 * GiB
+    assert should_run_sequential(plan) == (not in_memory_fits and gptq_sequential_fits)
 
 
 def test_plan_command(capsys):
@@ -127,7 +129,10 @@ def test_plan_command(capsys):
 
     assert main(["plan", str(FIXTURES / "llama-3-70b"), "--dtype", "float16", "--max-memory", "0=24GiB"]) == 0
     out = capsys.readouterr().out
-    assert "70.55B params" in out and "131.42 GiB" in out and "sequential (in-memory does not fit)" in out
+    assert "70.55B params" in out and "131.42 GiB" in out and "neither fits the budget" in out
+    args = ["plan", str(FIXTURES / "llama-3-70b"), "--dtype", "float16", "--max-memory", "0=24GiB", "--no-gptq"]
+    assert main(args) == 0
+    assert "sequential (in-memory does not fit)" in capsys.readouterr().out
 
 
 def test_evaluation_under_a_budget_smaller_than_the_model(tmp_path):
