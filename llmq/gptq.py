@@ -213,23 +213,29 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, su
 
 @torch.no_grad()
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True, damp: float = 0.01,
-                    block: int = 128, clip_grid: Sequence[float] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+                    block: int = 128, clip_grid: Sequence[float] = CLIP_GRID,
+                    in_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ for W [out, in] given its input's H [in, in] -> (CB int8 [out, in], SCB float32 [out]).
 
-    See the module docstring; `clip_grid=(1.0,)` keeps bitsandbytes' abs-max scales. Deterministic."""
+    `in_scale` s: W's inputs are H's divided by s (smoothing), so GPTQ uses D H D with D = diag(1 / s), made
+    here on the permuted copy (no second [in, in] copy). See the module docstring; `clip_grid=(1.0,)` keeps
+    bitsandbytes' abs-max scales. Deterministic."""
     W = W.detach().float()
     H = H.detach().to(W.device).float()
     n_in = W.shape[1]
     if H.shape != (n_in, n_in):
         raise ValueError(f"H must be [{n_in}, {n_in}] for a weight of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+    s = None if in_scale is None else in_scale.detach().to(W.device).float()
     amax = W.abs().amax(1)
-    dead = H.diagonal() <= 0
+    diag = H.diagonal().clone() if s is None else H.diagonal() / s / s
+    dead = diag <= 0
     if bool(dead.all()):
         return _to_int8(W, amax).to(torch.int8), amax
-    diag = H.diagonal().clone()
     diag[dead] = diag[~dead].mean()
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_in, device=W.device)
     W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]  # new tensors: the caller's W and H are left as they are
+    if s is not None:
+        H.div_(s[perm][:, None]).div_(s[perm][None, :])
     H[dead, :] = 0
     H[:, dead] = 0
     H.diagonal().copy_(diag[perm])

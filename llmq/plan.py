@@ -26,7 +26,7 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   loaded, but those whose dtype changes (to the storage dtype) are loaded on CPU at the end, together, cast
   one by one and serialised: 2 x the non-layer weights + their largest tensor, counted as if all changed.
 - the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its float32 copy of one layer's
-  linears, and the larger of the largest linear's factorization (~6 x in^2 x 4 bytes: 20 GB for a
+  linears, and the larger of the largest linear's factorization (~6 x in^2 x 4 bytes: 18 GiB for a
   down_proj with 28672 inputs) and the alpha search's copy of the layer.
 These are estimates (allocator slack, CUDA context and Python are not counted): leave ~20% headroom.
 """
@@ -197,9 +197,9 @@ def _stage_bytes(model, path: str, n_layers: int, rows: dict[str, int], targets,
                  search: bool) -> int:
     """What llmq/stage.py holds beside one layer's weights (the largest over layers), float32 throughout:
     GPTQ's input Hessians (one per smoothing group, else per linear), a float32 copy of the layer's linears
-    (`before`) and the largest linear's own working set (its scaled and its permuted H, two float64 [in, in]
-    factors at once and a copy of W while H^-1 is factored; then H, U and 3 copies of W per clip factor
-    swept at once, and 3 more, while it sweeps);
+    (`before`) and the largest linear's own working set (its permuted, scaled H, two float64 [in, in]
+    factors at once, a transient [in, in] float32 more and a copy of W while H^-1 is factored: 6.0 x in^2
+    x 4 bytes measured on CPU; then H, U and 3 copies of W per clip factor swept at once, and 3 more);
     the alpha search's copy of the layer (`base`) and its largest group's stacked weights (the pieces are
     16 MB), at another time than the sweep. Measured on CPU (docs/large-models.md)."""
     from .gptq import STAGE_CLIP_GRID, SWEEP_ELEMENTS
@@ -212,7 +212,7 @@ def _stage_bytes(model, path: str, n_layers: int, rows: dict[str, int], targets,
                   for k in rows if k.startswith(f"{path}.{i}.")}
         hess = {key.get(n, n): c * c * 4 for n, (_, c) in shapes.items()}  # [in, in] per distinct input
         swept = {n: min(len(STAGE_CLIP_GRID), max(1, SWEEP_ELEMENTS // (r * c))) for n, (r, c) in shapes.items()}
-        sweep = max((max(6 * c + r, 3 * c + (3 * swept[n] + 3) * r) * c * 4 for n, (r, c) in shapes.items()),
+        sweep = max((max(6 * c + r, 2 * c + (3 * swept[n] + 3) * r) * c * 4 for n, (r, c) in shapes.items()),
                     default=0)
         group = max((sum(r * c for n, (r, c) in shapes.items() if key.get(n) == t.key) * 4 for t in targets),
                     default=0)

@@ -231,7 +231,7 @@ def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, t
         w = linear_weight(module).detach().float()
         s = input_scales(before[name].to(w.device), w)
         h = hess[name].float().to(w.device)
-        cb, scb = quantize_weight(w, h / s[:, None] / s[None, :], clip_grid=STAGE_CLIP_GRID)
+        cb, scb = quantize_weight(w, h, clip_grid=STAGE_CLIP_GRID, in_scale=s)
         check_weight_range(float(scb.max()), name)
         parent, _, child = name.rpartition(".")
         new = int8_linear(cb, scb, module.bias, q.effective_threshold, device=w.device, training=module.training)

@@ -229,3 +229,18 @@ def test_card_states_the_sink_weighting():
     assert "attention sink" in text(gptq=True, gptq_sink=True)
     assert "chosen by GPTQ" in text(gptq=True) and "attention sink" not in text(gptq=True)
     assert "GPTQ" not in text()
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_input_scale_equals_the_scaled_hessian(act_order):
+    """quantize_weight(W, H, in_scale=s) is GPTQ on D H D (D = diag(1 / s)), bit for bit, without the caller
+    holding that second [in, in] matrix; an input dead in H stays dead."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(600, 96, generator=g) * torch.rand(96, generator=g) * 3
+    X[:, 5] = 0.0
+    W, s = torch.randn(40, 96, generator=g), torch.rand(96, generator=g) * 4 + 0.1
+    H = X.T @ X
+    want = quantize_weight(W, H / s[:, None] / s[None, :], act_order=act_order)
+    got = quantize_weight(W, H, act_order=act_order, in_scale=s)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert not torch.equal(got[0], quantize_weight(W, H, act_order=act_order)[0])  # the scales matter

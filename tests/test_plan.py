@@ -117,7 +117,7 @@ def test_llama_configs_on_a_24gib_gpu(name, params, inter, in_memory_fits, gptq_
     assert plan.fp_weight_bytes == 2 * params
     assert 0.5 < plan.int8_weight_bytes / plan.fp_weight_bytes < 0.6  # embeddings and head stay 16-bit
     assert plan.fits_in_memory == in_memory_fits
-    # GPTQ holds down_proj's float64 factors (2 x 8 bytes per entry) and two float32 copies of its H at once
+    # GPTQ holds down_proj's float64 factors (2 x 8 bytes per entry) and float32 copies of its H at once
     assert plan.sequential_peak_bytes - rtn.sequential_peak_bytes >= 6 * inter**2 * 4
     assert plan.fits_sequential == gptq_sequential_fits
     assert rtn.fits_sequential and rtn.sequential_peak_bytes < 6 * GiB
