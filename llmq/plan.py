@@ -72,6 +72,8 @@ class Plan:
     fits_in_memory: bool
     fits_sequential: bool
     sequential_supported: bool = True  # False for inputs sequential mode cannot read (GGUF, .bin only)
+    stage_bytes: int = 0  # the per-layer stage's working set, in both peaks (`_stage_bytes`)
+    gptq: bool = True  # whether GPTQ's part is in it
 
 
 def _config(config_or_model_id: Any, trust_remote_code: bool):
@@ -189,7 +191,7 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
         fits_in_memory=budget is None or in_memory <= budget,
         fits_sequential=(budget is None or seq_device <= budget)
         and (host_budget is None or seq_host <= host_budget),
-        sequential_supported=readable,
+        sequential_supported=readable, stage_bytes=stage, gptq=gptq,
     )
 
 
@@ -244,6 +246,7 @@ def format_plan(plan: Plan) -> str:
         ("largest layer (FP)", _gib(plan.largest_layer_bytes)),
         ("embeddings + head + norms", _gib(plan.non_layer_bytes)),
         ("calibration hidden states", _gib(plan.hidden_states_bytes)),
+        ("per-layer working set", f"{_gib(plan.stage_bytes)} ({'GPTQ' if plan.gptq else 'no GPTQ'}; in both peaks)"),
         (f"budget ({plan.device})", _gib(plan.budget_bytes) if plan.budget_bytes is not None else "none given"),
         ("in-memory peak", f"{_gib(plan.in_memory_peak_bytes)}  fits: {yes[plan.fits_in_memory]}"),
         ("sequential peak", f"{_gib(plan.sequential_peak_bytes)}  fits: {yes[plan.fits_sequential]}"
@@ -256,7 +259,7 @@ def format_plan(plan: Plan) -> str:
     mode = ("sequential (in-memory does not fit)" if should_run_sequential(plan)
             else "in-memory" if plan.fits_in_memory
             else "in-memory does not fit; sequential would, from a safetensors checkpoint" if plan.fits_sequential
-            else "neither fits the budget")
+            else "neither fits the budget" + (" (--no-gptq needs less)" if plan.gptq and plan.stage_bytes else ""))
     return "\n".join([*(f"{k.ljust(width)}  {v}" for k, v in rows), f"{'mode'.ljust(width)}  {mode}"])
 
 
@@ -283,7 +286,7 @@ def choose_mode(recipe: Any, max_memory: dict | None, *, asked: bool = False,
         if not should_run_sequential(plan):
             fits = ("in-memory fits" if plan.fits_in_memory
                     else "sequential mode needs a safetensors checkpoint" if not plan.sequential_supported
-                    else "neither fits; --sequential needs less")
+                    else "neither fits; --sequential needs less" + (", --no-gptq less still" if plan.gptq else ""))
             return False, f"in-memory ({need}; {fits})"
         why = f"sequential ({need})"
     if recipe.quantization.rotate is True:  # auto: off in sequential mode (llmq/rotate.py auto_rotate)

@@ -129,7 +129,8 @@ def test_plan_command(capsys):
 
     assert main(["plan", str(FIXTURES / "llama-3-70b"), "--dtype", "float16", "--max-memory", "0=24GiB"]) == 0
     out = capsys.readouterr().out
-    assert "70.55B params" in out and "131.42 GiB" in out and "neither fits the budget" in out
+    assert "70.55B params" in out and "131.42 GiB" in out and "neither fits the budget (--no-gptq needs less)" in out
+    assert "per-layer working set      2" in out  # GPTQ's, 25+ GiB: down_proj's [28672, 28672] factorization
     args = ["plan", str(FIXTURES / "llama-3-70b"), "--dtype", "float16", "--max-memory", "0=24GiB", "--no-gptq"]
     assert main(args) == 0
     assert "sequential (in-memory does not fit)" in capsys.readouterr().out
