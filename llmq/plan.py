@@ -141,21 +141,21 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     h, inter = text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
     L, n = calib_seq_len, calib_samples
     calibrates = rescales(method, alpha)
+    auto = calibrates and alpha == "auto"  # the alpha search, its row samples and (in memory) the guard
     windows = calibrates or gptq  # calibration windows pass through the layers (GPTQ: its Hessians)
     targets = smooth_targets(model) if calibrates and (method == "smoothquant" or config.model_type in ARCHS) else []
-    stage = _stage_bytes(model, path, n_layers, rows, targets, max(layer_fp), gptq, calibrates and alpha == "auto")
+    stage = _stage_bytes(model, path, rows, targets, max(layer_fp), gptq, auto)
     heads = getattr(text, "num_attention_heads", None) or 1  # (none in Mamba, RWKV: no attention scores)
     act = L * (4 * h + 3 * inter) * d + heads * L * L * d
     logits = L * text.vocab_size * d
     biggest_linear = max((model.get_parameter(k).numel() for k in rows), default=0) * 3  # fp16 copy + int8
     samples = 0
-    if calibrates and alpha == "auto":  # float32 rows kept per smoothing group of one layer (layer by layer)
+    if auto:  # float32 rows kept per smoothing group of one layer (layer by layer)
         for t in targets:
             samples += auto_tokens * linear_weight(model.get_submodule(t.linear_names[0])).shape[1] * 4
         samples //= max(n_layers, 1)
     in_memory = fp + max(act + logits if windows else 0, biggest_linear) + stage
-    guarded = calibrates and alpha == "auto"
-    if guarded:  # the guard: the auto model and the best rival beside the one being built
+    if auto:  # the guard: the auto model and the best rival beside the one being built
         in_memory += 2 * q
     if max_kl is not None:  # --max-kl: float linears to put back, the reference, its ranking log-probs
         lin_fp = sum(model.get_parameter(k).numel() for k in rows) * d
@@ -195,23 +195,24 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     )
 
 
-def _stage_bytes(model, path: str, n_layers: int, rows: dict[str, int], targets, layer_bytes: int, gptq: bool,
-                 search: bool) -> int:
+def _stage_bytes(model, path: str, rows: dict[str, int], targets, layer_bytes: int, gptq: bool, search: bool) -> int:
     """What llmq/stage.py holds beside one layer's weights (the largest over layers), float32 throughout:
     GPTQ's input Hessians (one per smoothing group, else per linear), a float32 copy of the layer's linears
     (`before`) and the largest linear's own working set (its permuted, scaled H, two float64 [in, in]
-    factors at once, a transient [in, in] float32 more and a copy of W while H^-1 is factored: 6.0 x in^2
-    x 4 bytes measured on CPU; then H, U and 3 copies of W per clip factor swept at once, and 3 more);
-    the alpha search's copy of the layer (`base`) and its largest group's stacked weights (the pieces are
-    16 MB), at another time than the sweep. Measured on CPU (docs/large-models.md)."""
+    factors and a transient float32 one while H^-1 is factored: 6.0 x in^2 x 4 bytes measured on CPU; then
+    H, U and 3 copies of W per clip factor swept at once, and 3 more); or, at another time, the alpha search's
+    copy of the layer (`base`) and its largest group's stacked weights (docs/large-models.md)."""
     from .gptq import STAGE_CLIP_GRID, SWEEP_ELEMENTS
     from .smooth import linear_weight
 
     key = {n: t.key for t in targets for n in t.linear_names}
+    layers: dict[str, dict[str, tuple[int, int]]] = {}  # layer index -> its linears' [out, in]
+    for k in rows:
+        if k.startswith(path + "."):
+            n = k.removesuffix(".weight")
+            layers.setdefault(n[len(path) + 1:].split(".")[0], {})[n] = linear_weight(model.get_submodule(n)).shape
     most = 0
-    for i in range(n_layers):
-        shapes = {k[:-len(".weight")]: linear_weight(model.get_submodule(k[:-len(".weight")])).shape
-                  for k in rows if k.startswith(f"{path}.{i}.")}
+    for shapes in layers.values():
         hess = {key.get(n, n): c * c * 4 for n, (_, c) in shapes.items()}  # [in, in] per distinct input
         swept = {n: min(len(STAGE_CLIP_GRID), max(1, SWEEP_ELEMENTS // (r * c))) for n, (r, c) in shapes.items()}
         sweep = max((max(6 * c + r, 2 * c + (3 * swept[n] + 3) * r) * c * 4 for n, (r, c) in shapes.items()),
