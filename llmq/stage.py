@@ -24,6 +24,7 @@ from torch import nn
 from .calibrate import CalibrationStats, calibrate
 from .config import Recipe, rescales
 from .errors import ConfigError
+from .memory import trim_heap
 from .quantize import check_finite_weights, check_fp16_range, replace_linears_
 from .report import CalibrationInfo, Report
 from .smooth import SmoothTarget, linear_weight, smooth_
@@ -235,3 +236,5 @@ def _gptq_convert_(root: nn.Module, qnames: list[str], hess, before: dict[str, t
         parent, _, child = name.rpartition(".")
         new = int8_linear(cb, scb, module.bias, q.effective_threshold, device=w.device, training=module.training)
         setattr(root.get_submodule(parent) if parent else root, child, new)
+        del module, w, s, cb, scb
+        trim_heap()  # the factorization's freed matrices, or glibc keeps them and the resident size grows
