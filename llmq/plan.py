@@ -20,11 +20,11 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
 - sequential peak (llmq.sequential) on the device: the n * L * h * d calibration hidden states + one
   window's working set + the larger of (the non-layer weights but the head, and layer 0, which the catcher
   runs once, while the layer inputs are caught) and (the largest float layer + its int8 copy + the
-  stage's working set, in the layer loop); on CPU + the layer's mapped checkpoint pages. Without GPTQ,
+  stage's working set, in the layer loop); on CPU + the layer as read from the shards. Without GPTQ,
   llm-int8 / weight-only alpha 0 do not calibrate: one layer, float + int8. On a GPU, CPU memory holds a
-  layer in transit (`sequential_host_bytes`); unchanged non-layer tensors are copied file to file, never
-  loaded, but those whose dtype changes (to the storage dtype) are loaded on CPU at the end, together, cast
-  one by one and serialised: 2 x the non-layer weights + their largest tensor, counted as if all changed.
+  layer in transit and the non-layer weights while the inputs are caught (`sequential_host_bytes`); at the
+  end, non-layer tensors are copied file to file, or cast to the storage dtype ~8 MiB at a time on their
+  way; only non-layer linears converted to int8 (lm_head when not skipped) are loaded, float + int8.
 - the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its float32 copy of one layer's
   linears, and the larger of the largest linear's factorization (~6 x in^2 x 4 bytes: 18 GiB for a
   down_proj with 28672 inputs) and the alpha search's copy of the layer.
@@ -123,7 +123,7 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     n_layers = len(model.get_submodule(path))
     rows = {f"{n}.weight": linear_weight(model.get_submodule(n)).shape[0] for n in linear_names(model, skip)}
     layer_fp, layer_q = [0] * n_layers, [0] * n_layers
-    fp = q = params = outer = 0  # outer: the largest parameter outside the layers
+    fp = q = params = outer = 0  # outer: the linears outside the layers that are converted, float + int8
     for pname, p in model.named_parameters():  # tied parameters are listed once
         b = p.numel() * d
         bq = p.numel() + 4 * rows[pname] if pname in rows else b  # int8 + one float32 scale per row
@@ -132,8 +132,8 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
             i = int(pname[len(path) + 1:].split(".")[0])
             layer_fp[i] += b
             layer_q[i] += bq
-        else:
-            outer = max(outer, b)
+        elif pname in rows:
+            outer += b + bq
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     head_b = 0 if head is None or tied else head.weight.numel() * d
@@ -172,11 +172,11 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     loop = layer_fp[big] + layer_q[big] + stage
     phase = max(non_layer - head_b + layer_fp[0], loop) if windows else loop
     seq_device = phase + (hidden + act + L * h * d if windows else 0)
-    # a layer read on CPU on its way to the GPU; at the end, on CPU, the non-layer tensors whose dtype
-    # changes (llmq/sequential.py `_write_outside`: all of them at most), one cast copy at a time, and
-    # their bytes as safetensors' save_file serialises them
-    seq_host = max(layer_fp[big], 2 * non_layer + outer)
-    if key == "cpu":  # the layer's memory-mapped checkpoint pages, resident beside its copy
+    # on CPU: the non-layer weights while the layer inputs are caught (loaded there; the head stays), a layer
+    # on its way to the GPU, and at the end the non-layer linears that are converted (the other non-layer
+    # tensors are cast a piece at a time on their way to the output: llmq/sequential.py `_write_outside`)
+    seq_host = max(layer_fp[big], non_layer if windows else 0, outer)
+    if key == "cpu":  # the layer as read from the checkpoint, beside its copy in the run dtype
         seq_device = max(seq_device + layer_fp[big], seq_host)
     budget = max_memory.get(key) if max_memory else None
     host_budget = max_memory.get("cpu") if max_memory and key != "cpu" else None
@@ -255,7 +255,7 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.device != "cpu":
         rows.append(("sequential CPU memory",
-                     f"{_gib(plan.sequential_host_bytes)} (a layer in transit; the non-layer weights at the end)"))
+                     f"{_gib(plan.sequential_host_bytes)} (the non-layer weights, or a layer in transit)"))
     width = max(len(k) for k, _ in rows)
     mode = ("sequential (in-memory does not fit)" if should_run_sequential(plan)
             else "in-memory" if plan.fits_in_memory

@@ -109,7 +109,7 @@ def _catch_inputs_(job: _Job, store: torch.device) -> None:
     loop does not need them (they are loaded once more at the end, to be written)."""
     from accelerate.utils import set_module_tensor_to_device
 
-    shards.load_tensors_(job.model, job.outside(), job.kmap)  # memory-mapped: only the pages used are read
+    shards.load_tensors_(job.model, job.outside(), job.kmap)
     job.model.tie_weights()
     missing = [k for k in job.missing(job.model, "") if not k.startswith(job.path + ".")]
     if missing:
@@ -177,20 +177,27 @@ def _decide_storage(job: _Job, run: torch.dtype, act_max: float | None) -> dict:
 
 
 def _write_outside(job: _Job) -> dict[str, tuple[Path, int, int, dict]]:
-    """Stage the non-layer tensors that change (dtype cast, int8 conversion); return the others as byte
-    ranges of the input checkpoint, copied into the output untouched (never read into memory)."""
+    """Stage the non-layer tensors that change: float ones cast a piece at a time from the checkpoint to a
+    staged file (shards.write_cast: never whole in memory), linears to convert loaded and converted; return
+    the others as byte ranges of the input checkpoint, copied into the output untouched (never loaded)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     model = job.model
     convert = [n for n in job.qnames if not n.startswith(job.path + ".")]
-    load, passthrough = [], {}
+    load, cast, passthrough = [], [], {}
     for k, t in shards.untie(model, model.state_dict(keep_vars=True)).items():
         entry = shards.entry(*job.kmap[k]) if k in job.kmap else None
-        same = entry and entry[3]["dtype"] == shards.ST_DTYPE.get(stored_dtype(model, k, t, job.storage))
-        if same and not any(k.startswith(n + ".") for n in convert):
-            passthrough[next(iter(revert_weight_conversion(model, {k: t})))] = entry
-        else:
+        to = stored_dtype(model, k, t, job.storage)
+        name = next(iter(revert_weight_conversion(model, {k: t})))
+        floats = entry is not None and t.is_floating_point() and entry[3]["dtype"] in shards.ST_DTYPE.values()
+        if not floats or any(k.startswith(n + ".") for n in convert):
             load.append(k)
+        elif entry[3]["dtype"] == shards.ST_DTYPE[to]:
+            passthrough[name] = entry
+        else:
+            cast.append((name, k, *job.kmap[k], t.dtype, to))
+    if cast:
+        shards.write_cast(job.staging / "cast.safetensors", cast)
     shards.load_tensors_(model, load, job.kmap)
     check_finite_weights(model)
     replace_linears_(model, convert, job.recipe.quantization)

@@ -12,13 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, NumericalError
 
 MAX_SHARD_BYTES = 5 * 10**9  # save.save_checkpoint's max_shard_size="5GB"
 _CHUNK = 8 * 2**20  # bytes per read when copying or checking tensors
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ITEMSIZE = {k: t.itemsize for k, t in _TORCH.items()}
 
 
 def weight_files(model: str) -> dict[str, Path]:
@@ -85,18 +88,30 @@ def key_map(model: nn.Module, ckpt: dict[str, Path]) -> dict[str, tuple[str, Pat
 
 
 def load_tensors_(model: nn.Module, keys: list[str], kmap: dict[str, tuple[str, Path]]) -> None:
-    """Materialise `keys` on CPU from the shards, cast to the skeleton's dtype (as from_pretrained does)."""
+    """Materialise `keys` on CPU from the shards, cast to the skeleton's dtype (as from_pretrained does). Plain
+    reads, not memory-mapped: a mapped file's pages count in the resident set, beside the copy, until it is
+    closed (SmolLM2's catch phase: +113 MB, its float32 embedding twice)."""
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
 
-    by_file: dict[Path, list[str]] = {}
+    heads: dict[Path, tuple[int, dict]] = {}
     for k in keys:
         if k in kmap:
-            by_file.setdefault(kmap[k][1], []).append(k)
-    for path, ks in by_file.items():
-        with safe_open(str(path), "pt", device="cpu") as f:
-            for k in ks:
-                set_module_tensor_to_device(model, k, "cpu", value=f.get_tensor(kmap[k][0]))
+            ckey, path = kmap[k]
+            if path not in heads:
+                heads[path] = header(path)
+            start, head = heads[path]
+            meta = head[ckey]
+            a, b = meta["data_offsets"]
+            dtype = _TORCH[meta["dtype"]]
+            if b == a:
+                value = torch.empty(meta["shape"], dtype=dtype)
+            else:
+                buf = bytearray(b - a)
+                with open(path, "rb") as f:
+                    f.seek(start + a)
+                    f.readinto(buf)
+                value = torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+            set_module_tensor_to_device(model, k, "cpu", value=value)
 
 
 def stage(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -106,6 +121,41 @@ def stage(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> Non
 
     tensors = revert_weight_conversion(model, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
     save_file(tensors, str(path), {"format": "pt"})
+
+
+def write_cast(dest: Path, items: list[tuple[str, str, str, Path, torch.dtype, torch.dtype]]) -> None:
+    """A safetensors file of checkpoint tensors cast on the way, each read (plain reads, not memory-mapped),
+    cast and written a piece of rows (~_CHUNK bytes) at a time, so memory holds one piece whatever the tensor's
+    size. `items`: (name written, model key, checkpoint key, file, `via`: the dtype the model loads it in, `to`:
+    the dtype it is stored in); the values are those of load_tensors_ then a cast to `to`. The checkpoint
+    tensors must be float. NumericalError if one holds inf/nan in `via`."""
+    src = {name: entry(ckey, path) for name, _, ckey, path, _, _ in items}
+    items = sorted(items, key=lambda e: (-e[5].itemsize, e[0]))  # as safetensors aligns
+    head: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, *_, to in items:
+        shape = src[name][3]["shape"]
+        n = to.itemsize * int(torch.Size(shape).numel())
+        head[name] = {"dtype": ST_DTYPE[to], "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(dest, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for name, key, _, _, via, to in items:
+            path, start, nbytes, meta = src[name]
+            shape, dtype = meta["shape"], _TORCH[meta["dtype"]]
+            row = int(torch.Size(shape[1:]).numel()) * dtype.itemsize  # bytes per row (a scalar: one row)
+            step = max(1, _CHUNK // max(row, 1)) * row
+            with open(path, "rb") as f:
+                f.seek(start)
+                while nbytes > 0:
+                    piece = torch.frombuffer(bytearray(f.read(min(nbytes, step))), dtype=dtype).to(via)
+                    if not torch.isfinite(piece).all():
+                        raise NumericalError(f"the model's weights hold inf/nan in {key}; the checkpoint is "
+                                             "damaged (re-download or re-export it)")
+                    out.write(memoryview(piece.to(to).view(torch.uint8).numpy()))
+                    nbytes -= step
 
 
 def header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -123,7 +173,7 @@ def entry(ckpt_key: str, path: Path) -> tuple[Path, int, int, dict]:
 
 def finite_on_disk(path: Path, start: int, nbytes: int, dtype: str) -> bool:
     """inf/nan check of a float tensor's bytes, read in chunks (the page cache, not this process, holds them)."""
-    torch_dtype = {v: k for k, v in ST_DTYPE.items()}[dtype]
+    torch_dtype = _TORCH[dtype]
     step = _CHUNK - _CHUNK % _ITEMSIZE[dtype]
     with open(path, "rb") as f:
         f.seek(start)

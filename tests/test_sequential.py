@@ -213,13 +213,52 @@ def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch, storage):
                      not model.model.embed_tokens.weight.is_meta))
 
     monkeypatch.setattr(shards, "load_tensors_", load_)
+    real_cast, cast = shards.write_cast, []
+
+    def write_cast(dest, items):
+        cast.extend(items)
+        real_cast(dest, items)
+
+    monkeypatch.setattr(shards, "write_cast", write_cast)
     recipe = _recipe(fp, text, "smoothquant", 0.5).override({"quantization.storage_dtype": storage})
     run_sequential(recipe, tmp_path / "out", progress=False)
     # embeddings etc. and layer 0 (which the catcher runs once) for catching the layer inputs, then one layer
     # at a time (embeddings freed meanwhile; layer 0 is not read again); at the end, non-layer tensors stored
     # as they are in the input (float32) are copied from the input file without being loaded; those cast to
-    # 16-bit (auto: bfloat16) are loaded to be cast
-    assert seen == [(0, True), (1, True), (1, False), (1, False), (0, storage == "auto")]
+    # 16-bit (auto: float16, the tiny model's range fits) are cast a piece at a time on their way to the
+    # output, never loaded whole
+    assert seen == [(0, True), (1, True), (1, False), (1, False), (0, False)]
+    assert sorted(name for name, *_ in cast) == ([] if storage == "float32" else
+                                                 ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"])
+    out = _tensors_file(tmp_path / "out" / "model.safetensors")
+    assert out["model.embed_tokens.weight"].dtype == (torch.float32 if storage == "float32" else torch.float16)
+
+
+def test_write_cast_equals_a_whole_cast_piece_by_piece(tmp_path, monkeypatch):
+    """shards.write_cast reads, casts and writes a tensor a few rows at a time: the same values as loading it
+    whole in the `via` dtype and casting that to `to` (float32 -> bfloat16 -> float16 rounds twice), for
+    matrices, vectors and scalars; a tensor that is not finite in `via` is refused by name."""
+    from safetensors.torch import save_file
+
+    import llmq.shards as shards
+    from llmq.errors import NumericalError
+
+    g = torch.Generator().manual_seed(0)
+    src = {"emb": torch.randn(37, 5, generator=g) * 300, "norm": torch.randn(11, generator=g), "s": torch.tensor(3.3)}
+    save_file(src, str(tmp_path / "in.safetensors"))
+    monkeypatch.setattr(shards, "_CHUNK", 3 * 5 * 4)  # 3 rows of emb, 1 element of norm per piece
+    items = [(f"out.{k}", f"model.{k}", k, tmp_path / "in.safetensors", torch.bfloat16, torch.float16) for k in src]
+    shards.write_cast(tmp_path / "out.safetensors", items)
+    out = _tensors_file(tmp_path / "out.safetensors")
+    assert sorted(out) == ["out.emb", "out.norm", "out.s"]
+    for k, t in src.items():
+        want = t.to(torch.bfloat16).to(torch.float16)
+        assert out[f"out.{k}"].dtype == torch.float16 and torch.equal(out[f"out.{k}"], want)
+    assert not torch.equal(out["out.emb"], src["emb"].to(torch.float16))  # the cast via bfloat16 is kept
+    src["emb"][30, 2] = float("inf")
+    save_file(src, str(tmp_path / "in.safetensors"))
+    with pytest.raises(NumericalError, match=r"inf/nan in model\.emb"):
+        shards.write_cast(tmp_path / "bad.safetensors", items)
 
 
 def test_output_shards_match_save_pretrained(tmp_path):
