@@ -214,3 +214,14 @@ def skeleton(config, *, dtype: torch.dtype | None = None, trust_remote_code: boo
     model.tie_weights()
     model.eval()
     return model
+
+
+def place_(model: torch.nn.Module, skip: list[str], device: torch.device) -> None:
+    """Move the tensors of every module outside `skip` (module names) to `device`."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, mod in model.named_modules():
+        if not any(name == s or name.startswith(s + ".") for s in skip):
+            for t in [*mod._parameters, *mod._buffers]:
+                if getattr(mod, t) is not None:
+                    set_module_tensor_to_device(mod, t, device)

@@ -22,9 +22,9 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   runs once, while the layer inputs are caught) and (the largest float layer + its int8 copy + the
   stage's working set, in the layer loop); on CPU + the layer as read from the shards. Without GPTQ,
   llm-int8 / weight-only alpha 0 do not calibrate: one layer, float + int8. On a GPU, CPU memory holds a
-  layer in transit and the non-layer weights while the inputs are caught (`sequential_host_bytes`); at the
-  end, non-layer tensors are copied file to file, or cast to the storage dtype ~8 MiB at a time on their
-  way; only non-layer linears converted to int8 (lm_head when not skipped) are loaded, float + int8.
+  layer in transit, or the non-layer weights but the head while the inputs are caught
+  (`sequential_host_bytes`); at the end non-layer tensors are copied file to file or cast ~8 MiB at a
+  time; only non-layer linears converted to int8 (lm_head when not skipped) are loaded, float + int8.
 - the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its float32 copy of one layer's
   linears, and the larger of the largest linear's factorization (~6 x in^2 x 4 bytes: 18 GiB for a
   down_proj with 28672 inputs) and the alpha search's copy of the layer.
@@ -172,10 +172,10 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     loop = layer_fp[big] + layer_q[big] + stage
     phase = max(non_layer - head_b + layer_fp[0], loop) if windows else loop
     seq_device = phase + (hidden + act + L * h * d if windows else 0)
-    # on CPU: the non-layer weights while the layer inputs are caught (loaded there; the head stays), a layer
-    # on its way to the GPU, and at the end the non-layer linears that are converted (the other non-layer
-    # tensors are cast a piece at a time on their way to the output: llmq/sequential.py `_write_outside`)
-    seq_host = max(layer_fp[big], non_layer if windows else 0, outer)
+    # on CPU: the non-layer weights but an untied head while the layer inputs are caught (loaded there first),
+    # a layer on its way to the GPU, and at the end the non-layer linears that are converted (the other
+    # non-layer tensors are cast a piece at a time on their way out: llmq/sequential.py `_write_outside`)
+    seq_host = max(layer_fp[big], non_layer - head_b if windows else 0, outer)
     if key == "cpu":  # the layer as read from the checkpoint, beside its copy in the run dtype
         seq_device = max(seq_device + layer_fp[big], seq_host)
     budget = max_memory.get(key) if max_memory else None
@@ -255,7 +255,7 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.device != "cpu":
         rows.append(("sequential CPU memory",
-                     f"{_gib(plan.sequential_host_bytes)} (the non-layer weights, or a layer in transit)"))
+                     f"{_gib(plan.sequential_host_bytes)} (the non-layer weights but the head, or a layer in transit)"))
     width = max(len(k) for k, _ in rows)
     mode = ("sequential (in-memory does not fit)" if should_run_sequential(plan)
             else "in-memory" if plan.fits_in_memory

@@ -32,6 +32,7 @@ from .load import (
     check_seq_len,
     load_config,
     load_tokenizer,
+    place_,
     resolve_device,
     resolve_dtype,
     skeleton,
@@ -82,44 +83,40 @@ class _Job:
         return [f"{prefix}{n}" for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
 
 
-def _place_(model: nn.Module, skip: list[str], device: torch.device) -> None:
-    """Move the tensors of every module outside `skip` (module names) to `device`."""
-    from accelerate.utils import set_module_tensor_to_device
-
-    for name, mod in model.named_modules():
-        if not any(name == s or name.startswith(s + ".") for s in skip):
-            for t in [*mod._parameters, *mod._buffers]:
-                if getattr(mod, t) is not None:
-                    set_module_tensor_to_device(mod, t, device)
-
-
 def _check_outside(job: _Job) -> None:
-    """Fail early, without loading them, if the non-layer float weights of the checkpoint hold inf/nan."""
+    """Fail early, without loading them, if the non-layer float weights of the checkpoint hold inf/nan; while
+    the storage dtype is undecided, their largest |value| in the run dtype counts toward auto's range."""
+    sd = job.model.state_dict(keep_vars=True)
     for k in job.outside():
         if k in job.kmap:
             f, start, n, meta = shards.entry(*job.kmap[k])
-            if meta["dtype"] in shards.ST_DTYPE.values() and not shards.finite_on_disk(f, start, n, meta["dtype"]):
-                raise NumericalError(f"the model's weights hold inf/nan in {k}; the checkpoint is damaged "
-                                     "(re-download or re-export it)")
+            if meta["dtype"] in shards.ST_DTYPE.values() and sd[k].is_floating_point():
+                finite, top = shards.abs_max_on_disk(f, start, n, meta["dtype"], sd[k].dtype)
+                if not finite:
+                    raise NumericalError(f"the model's weights hold inf/nan in {k}; the checkpoint is damaged "
+                                         "(re-download or re-export it)")
+                job.weight_max = max(job.weight_max, top)
+    job.weight_max = max(job.weight_max, value_max(job.model))  # the buffers built with the skeleton
     trim_heap()  # the chunks read
 
 
 def _catch_inputs_(job: _Job, store: torch.device) -> None:
-    """Load the non-layer weights, catch every layer's inputs, and free those weights again: the layer
-    loop does not need them (they are loaded once more at the end, to be written)."""
+    """Load the non-layer weights but an untied head (never run here: the last recorder stops the forward),
+    catch every layer's inputs, and free those weights again: the layer loop does not need them."""
     from accelerate.utils import set_module_tensor_to_device
 
-    shards.load_tensors_(job.model, job.outside(), job.kmap)
-    job.model.tie_weights()
-    missing = [k for k in job.missing(job.model, "") if not k.startswith(job.path + ".")]
+    model, out = job.model, job.model.get_output_embeddings()
+    head = [n for n, m in model.named_modules() if m is out]
+    untied = out is not None and out.weight is not model.get_input_embeddings().weight
+    keys = [k for k in job.outside() if not (untied and any(k.startswith(h + ".") for h in head))]
+    shards.load_tensors_(model, keys, job.kmap)
+    model.tie_weights()
+    missing = [k for k in job.missing(model, "") if not k.startswith(job.path + ".") and k in keys]
     if missing:
         raise ModelLoadError(f"{job.recipe.model!r} has no weights for {missing[:3]}: the checkpoint does not "
                              "match its config; quantize it without --sequential")
-    if job.device.type != "cpu":  # the head is never run here: it stays on CPU
-        head = [n for n, m in job.model.named_modules() if m is job.model.get_output_embeddings()]
-        _place_(job.model, [job.path, *head], job.device)
-    if job.storage is None:  # auto's range counts the non-layer weights (the layers are still meta here)
-        job.weight_max = max(job.weight_max, value_max(job.model))
+    if job.device.type != "cpu":
+        place_(model, [job.path, *head], job.device)
     _load_layer(job, 0)  # the catcher runs layer 0 once, to hand the model's loop what a layer returns
     job.hidden, job.extras = catch_inputs(job.model, job.layers, job.windows, job.device, store)
     params = dict(job.model.named_parameters(remove_duplicate=False))

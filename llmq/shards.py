@@ -171,18 +171,21 @@ def entry(ckpt_key: str, path: Path) -> tuple[Path, int, int, dict]:
     return path, start + a, b - a, head[ckpt_key]
 
 
-def finite_on_disk(path: Path, start: int, nbytes: int, dtype: str) -> bool:
-    """inf/nan check of a float tensor's bytes, read in chunks (the page cache, not this process, holds them)."""
+def abs_max_on_disk(path: Path, start: int, nbytes: int, dtype: str, via: torch.dtype) -> tuple[bool, float]:
+    """(all finite, largest |value| once cast to `via`) of a float tensor's bytes, read in chunks (the page
+    cache, not this process, holds them)."""
     torch_dtype = _TORCH[dtype]
     step = _CHUNK - _CHUNK % _ITEMSIZE[dtype]
+    top = 0.0
     with open(path, "rb") as f:
         f.seek(start)
         while nbytes:
-            chunk = f.read(min(nbytes, step))
-            if not torch.isfinite(torch.frombuffer(bytearray(chunk), dtype=torch_dtype)).all():
-                return False
-            nbytes -= len(chunk)
-    return True
+            chunk = torch.frombuffer(bytearray(f.read(min(nbytes, step))), dtype=torch_dtype)
+            if not torch.isfinite(chunk).all():
+                return False, float("inf")
+            top = max(top, chunk.to(via).abs().amax().item())
+            nbytes -= chunk.numel() * _ITEMSIZE[dtype]
+    return True, top
 
 
 def _write_file(dest: Path, entries: list[tuple[str, Path, int, int, dict]]) -> None:

@@ -122,10 +122,11 @@ def test_llama_configs_on_a_24gib_gpu(name, params, inter, in_memory_fits, gptq_
     assert plan.fits_sequential == gptq_sequential_fits
     assert rtn.fits_sequential and rtn.sequential_peak_bytes < 6 * GiB
     assert should_run_sequential(plan) == (not in_memory_fits and gptq_sequential_fits)
-    # CPU memory of a sequential GPU run: the non-layer weights while the inputs are caught, or a layer in
-    # transit; the end of the run casts the non-layer tensors a piece at a time and adds nothing
-    assert rtn.sequential_host_bytes == plan.sequential_host_bytes == max(plan.non_layer_bytes,
-                                                                          plan.largest_layer_bytes)
+    # CPU memory of a sequential GPU run: the non-layer weights but the (untied) head while the inputs are
+    # caught, or a layer in transit; the end of the run casts the non-layer tensors a piece at a time
+    assert 0 < plan.head_bytes < plan.non_layer_bytes  # untied
+    assert rtn.sequential_host_bytes == plan.sequential_host_bytes == max(
+        plan.non_layer_bytes - plan.head_bytes, plan.largest_layer_bytes)
 
 
 def test_plan_command(capsys):

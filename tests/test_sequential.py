@@ -154,16 +154,19 @@ def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> Report:
     return rep_seq
 
 
-@pytest.mark.parametrize("scale", [1.0, 5e5])
-def test_auto_storage_follows_the_measured_range(tmp_path, text, scale):
+@pytest.mark.parametrize("scale,key", [(1.0, "model.embed_tokens.weight"), (5e5, "model.embed_tokens.weight"),
+                                       (5e5, "lm_head.weight")])
+def test_auto_storage_follows_the_measured_range(tmp_path, text, scale, key):
     """auto from a float32 run stores the non-int8 tensors in float16 when every activation the int8 layers
-    produced on the calibration windows stays within half its range, else in bfloat16; both drivers decide
-    alike. Scaled embeddings put the residual stream at ~4e4: finite in float16 (65504), but too close."""
+    produced on the calibration windows, and every weight stored in 16-bit, stays within half its range, else
+    in bfloat16; both drivers decide alike. Scaled embeddings put the residual stream at ~4e4: finite in
+    float16 (65504), but too close. A scaled head (untied: never loaded while the sequential driver catches
+    the layer inputs) is measured on disk."""
     from safetensors.torch import load_file, save_file
 
     fp = _fp_folder(tmp_path, "llama")
     sd = load_file(str(fp / "model.safetensors"))
-    sd["model.embed_tokens.weight"] *= scale
+    sd[key] *= scale
     save_file(sd, str(fp / "model.safetensors"), {"format": "pt"})
     rep = _assert_same_outputs(_recipe(fp, text, "smoothquant", 0.5), tmp_path, 7 * 3)
     want = "float16" if scale == 1.0 else "bfloat16"
@@ -211,6 +214,7 @@ def test_one_float_layer_at_a_time(tmp_path, text, monkeypatch, storage):
         layers = model.get_submodule("model.layers")
         seen.append((sum(any(not p.is_meta for p in m.parameters()) for m in layers),
                      not model.model.embed_tokens.weight.is_meta))
+        assert model.lm_head.weight.is_meta  # untied: never run while the inputs are caught, never loaded
 
     monkeypatch.setattr(shards, "load_tensors_", load_)
     real_cast, cast = shards.write_cast, []
