@@ -189,8 +189,8 @@ def _write_outside(job: _Job) -> dict[str, tuple[Path, int, int, dict]]:
         floats = entry is not None and t.is_floating_point() and entry[3]["dtype"] in shards.ST_DTYPE.values()
         if not floats or any(k.startswith(n + ".") for n in convert):
             load.append(k)
-        elif entry[3]["dtype"] == shards.ST_DTYPE[to]:
-            passthrough[name] = entry
+        elif entry[3]["dtype"] == shards.ST_DTYPE[to] and (t.dtype == to or t.dtype == torch.float32):
+            passthrough[name] = entry  # input -> run dtype -> storage dtype is exact: the input's bytes
         else:
             cast.append((name, k, *job.kmap[k], t.dtype, to))
     if cast:

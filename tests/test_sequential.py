@@ -154,6 +154,14 @@ def _assert_same_outputs(recipe: Recipe, tmp_path: Path, n_int8: int) -> Report:
     return rep_seq
 
 
+@pytest.mark.parametrize("dtype,storage", [("bfloat16", "float32"), ("float16", "bfloat16")])
+def test_sequential_equals_in_memory_through_the_run_dtype(tmp_path, text, dtype, storage):
+    """The non-layer tensors go through the run dtype on their way to storage, as in memory: a float32
+    checkpoint run in bfloat16 and stored in float32 holds bfloat16-rounded values, not the input's bytes."""
+    recipe = _recipe(_fp_folder(tmp_path, "llama"), text, "smoothquant", 0.5)
+    _assert_same_outputs(recipe.override({"dtype": dtype, "quantization.storage_dtype": storage}), tmp_path, 21)
+
+
 @pytest.mark.parametrize("scale,key", [(1.0, "model.embed_tokens.weight"), (5e5, "model.embed_tokens.weight"),
                                        (5e5, "lm_head.weight")])
 def test_auto_storage_follows_the_measured_range(tmp_path, text, scale, key):
