@@ -269,7 +269,7 @@ def search_layer_alpha_(feed, targets: Sequence[SmoothTarget], qnames: Sequence[
     extra: dict[str, torch.Tensor] = {}
     ratios: dict[str, float] = {}
     chosen = [t for t in targets if t.group in refine and t not in a16] if act == "token" else []
-    if chosen:  # W8A8 groups only: weight-only's and --a16's are not (not measured)
+    if chosen:  # W8A8 groups only: weight-only's refined were worse (docs/benchmarks.md); --a16's not measured
         applied = smooth_all(best, {})
         for t in chosen:
             s = applied[t.key]
