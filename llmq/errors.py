@@ -35,6 +35,12 @@ class OutputError(LlmqError):
 class NumericalError(LlmqError):
     """inf/nan appeared in weights or activations."""
 
+    @classmethod
+    def damaged(cls, name: str) -> "NumericalError":
+        """inf/nan in the checkpoint's weight `name` (in memory, on disk, or on its way to the output)."""
+        return cls(f"the model's weights hold inf/nan in {name}; the checkpoint is damaged (re-download or "
+                   "re-export it)")
+
 
 class PushError(LlmqError):
     """Uploading to the Hub failed (no token, bad repo id, refused, network)."""

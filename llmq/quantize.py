@@ -155,8 +155,7 @@ def nonfinite_weight(model) -> str | None:
 def check_finite_weights(model) -> None:
     name = nonfinite_weight(model)
     if name is not None:
-        raise NumericalError(f"the model's weights hold inf/nan in {name}; the checkpoint is damaged "
-                             "(re-download or re-export it)")
+        raise NumericalError.damaged(name)
 
 
 def check_weight_range(w_max: float, name: str) -> None:

@@ -86,17 +86,17 @@ class _Job:
 def _check_outside(job: _Job) -> None:
     """Fail early, without loading them, if the non-layer float weights of the checkpoint hold inf/nan; while
     the storage dtype is undecided, their largest |value| in the run dtype counts toward auto's range."""
-    sd = job.model.state_dict(keep_vars=True)
+    sd, measure = job.model.state_dict(keep_vars=True), job.storage is None
     for k in job.outside():
         if k in job.kmap:
             f, start, n, meta = shards.entry(*job.kmap[k])
             if meta["dtype"] in shards.ST_DTYPE.values() and sd[k].is_floating_point():
-                finite, top = shards.abs_max_on_disk(f, start, n, meta["dtype"], sd[k].dtype)
+                finite, top = shards.abs_max_on_disk(f, start, n, meta["dtype"], sd[k].dtype if measure else None)
                 if not finite:
-                    raise NumericalError(f"the model's weights hold inf/nan in {k}; the checkpoint is damaged "
-                                         "(re-download or re-export it)")
+                    raise NumericalError.damaged(k)
                 job.weight_max = max(job.weight_max, top)
-    job.weight_max = max(job.weight_max, value_max(job.model))  # the buffers built with the skeleton
+    if measure:
+        job.weight_max = max(job.weight_max, value_max(job.model))  # the buffers built with the skeleton
     trim_heap()  # the chunks read
 
 

@@ -144,18 +144,13 @@ def write_cast(dest: Path, items: list[tuple[str, str, str, Path, torch.dtype, t
         out.write(struct.pack("<Q", len(raw)) + raw)
         for name, key, _, _, via, to in items:
             path, start, nbytes, meta = src[name]
-            shape, dtype = meta["shape"], _TORCH[meta["dtype"]]
-            row = int(torch.Size(shape[1:]).numel()) * dtype.itemsize  # bytes per row (a scalar: one row)
+            row = int(torch.Size(meta["shape"][1:]).numel()) * _ITEMSIZE[meta["dtype"]]  # bytes per row (scalar: 1)
             step = max(1, _CHUNK // max(row, 1)) * row
-            with open(path, "rb") as f:
-                f.seek(start)
-                while nbytes > 0:
-                    piece = torch.frombuffer(bytearray(f.read(min(nbytes, step))), dtype=dtype).to(via)
-                    if not torch.isfinite(piece).all():
-                        raise NumericalError(f"the model's weights hold inf/nan in {key}; the checkpoint is "
-                                             "damaged (re-download or re-export it)")
-                    out.write(memoryview(piece.to(to).view(torch.uint8).numpy()))
-                    nbytes -= step
+            for piece in _pieces(path, start, nbytes, meta["dtype"], step):
+                piece = piece.to(via)
+                if not torch.isfinite(piece).all():
+                    raise NumericalError.damaged(key)
+                out.write(memoryview(piece.to(to).view(torch.uint8).numpy()))
 
 
 def header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -171,20 +166,27 @@ def entry(ckpt_key: str, path: Path) -> tuple[Path, int, int, dict]:
     return path, start + a, b - a, head[ckpt_key]
 
 
-def abs_max_on_disk(path: Path, start: int, nbytes: int, dtype: str, via: torch.dtype) -> tuple[bool, float]:
-    """(all finite, largest |value| once cast to `via`) of a float tensor's bytes, read in chunks (the page
-    cache, not this process, holds them)."""
-    torch_dtype = _TORCH[dtype]
-    step = _CHUNK - _CHUNK % _ITEMSIZE[dtype]
-    top = 0.0
+def _pieces(path: Path, start: int, nbytes: int, dtype: str, step: int):
+    """The `nbytes` bytes at `start` of `path`, `step` bytes at a time (plain reads: the page cache, not this
+    process, holds the file), each piece a flat tensor of the safetensors `dtype`."""
     with open(path, "rb") as f:
         f.seek(start)
-        while nbytes:
-            chunk = torch.frombuffer(bytearray(f.read(min(nbytes, step))), dtype=torch_dtype)
-            if not torch.isfinite(chunk).all():
-                return False, float("inf")
+        while nbytes > 0:
+            piece = f.read(min(nbytes, step))
+            yield torch.frombuffer(bytearray(piece), dtype=_TORCH[dtype])  # (an empty read raises here)
+            nbytes -= len(piece)
+
+
+def abs_max_on_disk(path: Path, start: int, nbytes: int, dtype: str,
+                    via: torch.dtype | None) -> tuple[bool, float]:
+    """(all finite, largest |value| once cast to `via`; 0.0 for `via` None: not measured) of a float tensor's
+    bytes, read in chunks."""
+    top = 0.0
+    for chunk in _pieces(path, start, nbytes, dtype, _CHUNK - _CHUNK % _ITEMSIZE[dtype]):
+        if not torch.isfinite(chunk).all():
+            return False, float("inf")
+        if via is not None:
             top = max(top, chunk.to(via).abs().amax().item())
-            nbytes -= chunk.numel() * _ITEMSIZE[dtype]
     return True, top
 
 
