@@ -21,7 +21,6 @@ GPTQ minimises ||X W^T - X Wq^T||^2 = sum_r (W_r - Wq_r) H (W_r - Wq_r)^T (`hess
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -30,11 +29,10 @@ import torch
 from torch import nn
 
 from .errors import NumericalError
-
-log = logging.getLogger(__name__)
+from .factor import inverse_cholesky, scaled
 
 INV127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant constant, float32 1/127
-SWEEP_ELEMENTS = 2**24  # weight copies swept at once, over all clip factors (x ~4 float32 buffers: 256 MB)
+SWEEP_ELEMENTS = 2**24  # weight entries swept at once, over the clip factors (a stacked copy and its update)
 CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.0, 0.98, ..., 0.8
 STAGE_CLIP_GRID = (1.0, 0.95, 0.9, 0.85)  # what llmq/stage.py sweeps: the sweep's cost is linear in the grid
 
@@ -154,31 +152,6 @@ def rtn_weight(W: torch.Tensor, H: torch.Tensor | None = None, *, clip: bool = F
     return _to_int8(A, scale).to(torch.int8), scale
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor of (H + d I)^-1, float32; d = damp * mean(diag H), x10 per failed try.
-
-    In float64, with at most two [in, in] float64 matrices alive at once: each step's input is freed as soon
-    as its result exists (a down_proj with 14336 inputs: 1.6 GB per matrix; llmq/plan.py counts them)."""
-    base = float(H.diagonal().double().mean())
-    d = damp * base
-    for _ in range(tries):
-        A = H.to(torch.float64, copy=True)
-        A.diagonal().add_(d)
-        L, info = torch.linalg.cholesky_ex(A)
-        del A
-        if info == 0:
-            A = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(A, upper=True)
-            del A
-            if info == 0 and torch.isfinite(U).all():
-                return U.float()
-        log.warning("GPTQ: Hessian not positive definite with damping %.3g; retrying with more", d)
-        d = max(10 * d, 1e-6 * base)
-    raise NumericalError(f"GPTQ: the Hessian stays singular after {tries} dampings (last {d:.3g}); "
-                         "calibrate on more tokens or use round-to-nearest")
-
-
 def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, sub: int = 8) -> torch.Tensor:
     """The GPTQ column sweep of (permuted) W at fixed row scales -> int8 values as float32 [out, in].
 
@@ -186,12 +159,10 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, su
     [out, <= sub]), each finished slice the rest of its `block` and each finished block the rest of W (both
     matmuls). The same algebra as one level; reordered sums move a few values across a rounding boundary
     (tests/test_gptq.py). 2-3x faster on CPU for bitsandbytes-sized rows, where [out, block] no longer fits
-    in cache."""
-    W = W.clone()
+    in cache. W is overwritten with the result: pass a copy."""
     s = scale.view(-1, 1)
     inv = torch.where(s > 0, 127.0 / s, torch.zeros_like(s))
     step = s * INV127
-    Q = torch.zeros_like(W)
     n_in = W.shape[1]
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
@@ -202,13 +173,22 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, su
             for j in range(k1, k2):
                 w = W1[:, j:j + 1]
                 q = torch.round(w * inv).clamp_(-127, 127)
-                Q[:, i1 + j:i1 + j + 1] = q
+                W[:, i1 + j:i1 + j + 1] = q  # read into W1 already: W's own columns take the results
                 e = (w - q * step) / U1[j, j]
                 W1[:, j:k2] -= e @ U1[j:j + 1, j:k2]
                 Err[:, j:j + 1] = e
             W1[:, k2:] -= Err[:, k1:k2] @ U1[k1:k2, k2:]
         W[:, i2:] -= Err @ U[i1:i2, i2:]
-    return Q
+    return W
+
+
+def working_bytes(out_f: int, n_in: int, grid: int = len(STAGE_CLIP_GRID)) -> int:
+    """What `quantize_weight` holds beside its caller's W and H (llmq/plan.py), float32 units: one float64
+    [in, in] matrix factored in place, then U (3 x in^2 entries); then the permuted H, U, a copy of W per clip
+    factor swept at once, its product with U's rows, W permuted and the int8 result (2 x in^2 + (2 x swept +
+    3) x out x in at most). Measured on CPU (tests/test_gptq.py)."""
+    swept = min(grid, max(1, SWEEP_ELEMENTS // (out_f * n_in)))
+    return max(3 * n_in + out_f, 2 * n_in + (2 * swept + 3) * out_f) * n_in * 4
 
 
 @torch.no_grad()
@@ -218,7 +198,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True,
     """GPTQ for W [out, in] given its input's H [in, in] -> (CB int8 [out, in], SCB float32 [out]).
 
     `in_scale` s: W's inputs are H's divided by s (smoothing), so GPTQ uses D H D with D = diag(1 / s), made
-    here on the permuted copy (no second [in, in] copy). See the module docstring; `clip_grid=(1.0,)` keeps
+    in pieces while permuting (no second [in, in] copy of H). See the module docstring; `clip_grid=(1.0,)` keeps
     bitsandbytes' abs-max scales. Deterministic."""
     W = W.detach().float()
     H = H.detach().to(W.device).float()
@@ -233,28 +213,27 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True,
         return _to_int8(W, amax).to(torch.int8), amax
     diag[dead] = diag[~dead].mean()
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_in, device=W.device)
-    W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]  # new tensors: the caller's W and H are left as they are
-    if s is not None:
-        H.div_(s[perm][:, None]).div_(s[perm][None, :])
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H.diagonal().copy_(diag[perm])
-    U = _inverse_cholesky(H, damp)
-    H.diagonal()[dead] = 0  # the error metric: dead inputs cost nothing
+    U = inverse_cholesky(H, damp, order=perm, in_scale=s, diag=diag, dead=dead)
+    W = W[:, perm]  # a new tensor: the caller's W is left as it is
+    H = scaled(H, perm, perm, s, dead)  # the error metric (dead inputs cost nothing), made after U: one at a time
     out_f, grid = W.shape[0], list(clip_grid)
     per = max(1, SWEEP_ELEMENTS // W.numel())  # grid points swept together, stacked as extra rows
-    best_q, best_s, best_err = None, amax, None
+    rows = max(1, 2**22 // n_in)  # rows scored at once: temporaries of 16 MiB
+    CB, SCB, best = torch.empty(W.shape, dtype=torch.int8, device=W.device), amax.clone(), torch.empty_like(amax)
     for c in range(0, len(grid), per):  # rows are independent given U: each keeps its best f (first on ties)
         fs = grid[c:c + per]
         scales = torch.cat([amax * f for f in fs])
         Qs = _sweep(W.repeat(len(fs), 1), U, scales, block)
         for k in range(len(fs)):
-            Q, scale = Qs[k * out_f:(k + 1) * out_f], scales[k * out_f:(k + 1) * out_f]
-            err = hessian_error(W, Q * scale.view(-1, 1) * INV127, H)
-            if best_q is None:
-                best_q, best_s, best_err = Q, scale, err
-                continue
-            better = err < best_err
-            best_q = torch.where(better.view(-1, 1), Q, best_q)
-            best_s, best_err = torch.where(better, scale, best_s), torch.where(better, err, best_err)
-    return best_q[:, torch.argsort(perm)].to(torch.int8), best_s
+            for r1 in range(0, out_f, rows):  # in row pieces: no [out, in] temporaries beside Qs
+                r2, i = min(r1 + rows, out_f), k * out_f
+                Q, scale = Qs[i + r1:i + r2], scales[i + r1:i + r2]
+                err = hessian_error(W[r1:r2], Q * scale.view(-1, 1) * INV127, H)
+                if c == k == 0:
+                    CB[r1:r2], SCB[r1:r2], best[r1:r2] = Q, scale, err
+                    continue
+                better = err < best[r1:r2]
+                CB[r1:r2] = torch.where(better.view(-1, 1), Q.to(torch.int8), CB[r1:r2])
+                SCB[r1:r2], best[r1:r2] = torch.where(better, scale, SCB[r1:r2]), torch.where(better, err, best[r1:r2])
+        del Qs
+    return CB[:, torch.argsort(perm)], SCB

@@ -26,8 +26,8 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   (`sequential_host_bytes`); at the end non-layer tensors are copied file to file or cast ~8 MiB at a
   time; only non-layer linears converted to int8 (lm_head when not skipped) are loaded, float + int8.
 - the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its float32 copy of one layer's
-  linears, and the larger of the largest linear's factorization (~6 x in^2 x 4 bytes: 18 GiB for a
-  down_proj with 28672 inputs) and the alpha search's copy of the layer.
+  linears, and the larger of the largest linear's GPTQ working set (`gptq.working_bytes`: 10.5 GiB for
+  a down_proj with 28672 inputs) and the alpha search's copy of the layer.
 These are estimates (allocator slack, CUDA context and Python are not counted): leave ~20% headroom.
 """
 
@@ -198,11 +198,11 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
 def _stage_bytes(model, path: str, rows: dict[str, int], targets, layer_bytes: int, gptq: bool, search: bool) -> int:
     """What llmq/stage.py holds beside one layer's weights (the largest over layers), float32 throughout:
     GPTQ's input Hessians (one per smoothing group, else per linear), a float32 copy of the layer's linears
-    (`before`) and the largest linear's own working set (its permuted, scaled H, two float64 [in, in]
-    factors and a transient float32 one while H^-1 is factored: 6.0 x in^2 x 4 bytes measured on CPU; then
-    H, U and 3 copies of W per clip factor swept at once, and 3 more); or, at another time, the alpha search's
-    copy of the layer (`base`) and its largest group's stacked weights (docs/large-models.md)."""
-    from .gptq import STAGE_CLIP_GRID, SWEEP_ELEMENTS
+    (`before`) and the largest linear's own working set (one float64 [in, in] matrix factored and inverted in
+    place, then its float32 U; then the permuted H, U and a few copies of W: `gptq.working_bytes`); or, at
+    another time, the alpha search's copy of the layer (`base`) and its largest group's stacked weights
+    (docs/large-models.md)."""
+    from .gptq import working_bytes
     from .smooth import linear_weight
 
     key = {n: t.key for t in targets for n in t.linear_names}
@@ -214,9 +214,7 @@ def _stage_bytes(model, path: str, rows: dict[str, int], targets, layer_bytes: i
     most = 0
     for shapes in layers.values():
         hess = {key.get(n, n): c * c * 4 for n, (_, c) in shapes.items()}  # [in, in] per distinct input
-        swept = {n: min(len(STAGE_CLIP_GRID), max(1, SWEEP_ELEMENTS // (r * c))) for n, (r, c) in shapes.items()}
-        sweep = max((max(6 * c + r, 2 * c + (3 * swept[n] + 3) * r) * c * 4 for n, (r, c) in shapes.items()),
-                    default=0)
+        sweep = max((working_bytes(r, c) for r, c in shapes.values()), default=0)
         group = max((sum(r * c for n, (r, c) in shapes.items() if key.get(n) == t.key) * 4 for t in targets),
                     default=0)
         work = layer_bytes + group if search else 0

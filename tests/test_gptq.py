@@ -123,14 +123,15 @@ def test_dead_input_channels_keep_their_rtn_value_and_pass_no_error():
 def test_two_level_sweep_is_the_one_level_sweep_up_to_rounding(sub):
     """Sub-blocking the column sweep only reorders sums: the same int8 values except where a reordered sum
     crosses a rounding boundary, and the same Hessian error."""
-    from llmq.gptq import _inverse_cholesky, _sweep
+    from llmq.factor import inverse_cholesky
+    from llmq.gptq import _sweep
 
     X, W = _data(d_in=300, d_out=64)
     H = X.T @ X
-    U = _inverse_cholesky(H, 0.01)
+    U = inverse_cholesky(H, 0.01)
     scale = W.abs().amax(1)
-    one = _sweep(W, U, scale, block=128, sub=128)  # one level: every column updates the rest of its block
-    two = _sweep(W, U, scale, block=128, sub=sub)
+    one = _sweep(W.clone(), U, scale, block=128, sub=128)  # one level: every column updates the rest of its block
+    two = _sweep(W.clone(), U, scale, block=128, sub=sub)
     assert (one != two).float().mean() <= 1e-3 and (one - two).abs().max() <= 2
     err = [hessian_error(W, q * scale.view(-1, 1) / 127, H).sum() for q in (one, two)]
     assert abs(err[1] / err[0] - 1) <= 1e-3
@@ -244,3 +245,57 @@ def test_input_scale_equals_the_scaled_hessian(act_order):
     got = quantize_weight(W, H, act_order=act_order, in_scale=s)
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
     assert not torch.equal(got[0], quantize_weight(W, H, act_order=act_order)[0])  # the scales matter
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(act_order):
+    """llmq/factor.py's route (one Cholesky of the reversed matrix, a triangular inverse in place) against the
+    textbook one on the matrix made explicitly: P = D H D permuted, dead inputs decoupled, damped."""
+    from llmq.factor import inverse_cholesky
+
+    X, _ = _data(n=400, d_in=96)
+    X[:, 7] = 0.0
+    H = X.T @ X
+    s = torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.5
+    diag = H.diagonal() / s / s
+    dead = diag <= 0
+    diag[dead] = diag[~dead].mean()
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(96)
+    U = inverse_cholesky(H, 0.01, order=order, in_scale=s, diag=diag, dead=dead)
+    P = (H / s[:, None] / s[None, :]).double()
+    P[dead], P[:, dead] = 0, 0
+    P.diagonal().copy_(diag.double())
+    P = P[order][:, order]
+    P = P.tril() + P.tril(-1).T  # Cholesky reads the lower triangle, the textbook inverse both (rounding differs)
+    P.diagonal().add_(0.01 * float(diag.double().mean()))
+    want = torch.linalg.cholesky(torch.linalg.inv(P), upper=True)
+    assert torch.equal(U, torch.triu(U)) and (U.diagonal() > 0).all()
+    assert ((U.double() - want).abs().max() / want.abs().max()) < 1e-6
+    assert (U.double().T @ U.double() @ P - torch.eye(96, dtype=torch.float64)).abs().max() < 1e-4
+
+
+def test_gptq_memory_is_what_the_plan_counts():
+    """`working_bytes` (llmq/plan.py's figure) holds quantize_weight's peak, and the factorization keeps one
+    float64 [in, in] matrix and U (3 x in^2 x 4 bytes; the textbook route held 5). Measured in a fresh process
+    whose malloc maps every block of 1 MiB or more, so that its resident size follows what is alive."""
+    code = """if 1:
+        import gc, torch
+        from llmq.factor import inverse_cholesky
+        from llmq.gptq import STAGE_CLIP_GRID, quantize_weight, working_bytes
+        from llmq.memory import PeakMemory
+        g = torch.Generator().manual_seed(0)
+        n, out = 4096, 1024
+        X = torch.randn(n + 64, n, generator=g)
+        H, W = X.T @ X, torch.randn(out, n, generator=g)
+        del X
+        gc.collect()
+        with PeakMemory() as factor:
+            inverse_cholesky(H, 0.01)
+        with PeakMemory() as whole:
+            quantize_weight(W, H, clip_grid=STAGE_CLIP_GRID)
+        print(factor.above_baseline_bytes / (n * n * 4), whole.above_baseline_bytes / working_bytes(out, n))"""
+    env = {**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    factor, whole = map(float, run.stdout.split())
+    assert 3.0 <= factor < 4.0  # 16 MiB pieces on top: 0.25 units at this size
+    assert 0.5 < whole <= 1.0
