@@ -2,7 +2,7 @@
 # One command on a CUDA machine with this repository checked out, at most 8 minutes on one GPU:
 #   scripts/gpu_check.sh [OUT_DIR]            (default out/gpu_check)
 # 1. every gpu-marked test (pytest -m gpu: W8A8 output overflow past float16, float16 Gemma-norm smoothing,
-#    CUDA peak memory, decode timing on CUDA int8);
+#    CUDA peak memory, GPTQ's working set against the plan's figure, decode timing on CUDA int8);
 # 2. a CUDA benchmark on llmq:smollm2 (configs/bench-gpu.yaml): float16 vs W8A8 vs LLM.int8 vs weight-only,
 #    peak VRAM, prefill and decode tokens/s, perplexity, KL / top-1 vs float32;
 # 3. OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md with every number (plus logs and the benchmark's files).

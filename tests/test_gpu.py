@@ -10,6 +10,8 @@ CUDA kernels and float16 models behave differently there. scripts/gpu_check.sh r
 - Decode timing of a W8A8 model on CUDA. bitsandbytes quantizes on the device the model is on and keeps the
   int8 state beside the weight, where `Module.cuda()` / `.to()` do not move it: quantize on the GPU (as
   `llmq quantize` does with its default `device: auto`), or save and reload there; never move an int8 model.
+- GPTQ's memory on CUDA: the in-place factorization and the sweep within what llmq/plan.py counts (the
+  figure behind "Llama-3-70B with GPTQ fits a 24 GiB card", docs/large-models.md).
 """
 
 from __future__ import annotations
@@ -104,3 +106,32 @@ def test_decode_speed_runs_on_cuda_int8() -> None:
     res = compare_decode({"fp16": fp16, "w8a8": q}, ids, Decode(new_tokens=8, repeats=2, warmup=1))
     assert all(len(r.generated) == 8 and r.device.startswith("cuda") for r in res.values())
     assert res["w8a8"].peak_memory_kind == "cuda" and res["w8a8"].ratios["fp16"] > 0
+
+
+def test_gptq_cuda_memory_is_what_the_plan_counts() -> None:
+    """On CUDA (the allocator's own counts, no resident-set noise): GPTQ's factorization holds one float64
+    [in, in] matrix and U (3 x in^2 x 4 bytes) and quantize_weight stays within `working_bytes`, the figure
+    llmq/plan.py uses to say a 70B model's GPTQ fits a 24 GiB card; U as on CPU."""
+    from llmq.factor import inverse_cholesky
+    from llmq.gptq import STAGE_CLIP_GRID, quantize_weight, working_bytes
+
+    g = torch.Generator().manual_seed(0)
+    n, out = 8192, 2048
+    X = torch.randn(n + 64, n, generator=g)
+    H, W = (X.T @ X).cuda(), torch.randn(out, n, generator=g).cuda()
+    del X
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    U = inverse_cholesky(H, 0.01)
+    factor = torch.cuda.max_memory_allocated() - base
+    assert factor <= 3.2 * n * n * 4, factor / (n * n * 4)
+    Ucpu = inverse_cholesky(H.cpu(), 0.01)
+    assert ((U.cpu() - Ucpu).abs().max() / Ucpu.abs().max()) < 1e-4
+    del U
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    CB, SCB = quantize_weight(W, H, clip_grid=STAGE_CLIP_GRID)
+    assert torch.cuda.max_memory_allocated() - base <= working_bytes(out, n)
+    assert CB.dtype == torch.int8 and CB.is_cuda and torch.isfinite(SCB).all()
