@@ -25,7 +25,7 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   layer in transit, or the non-layer weights but the head while the inputs are caught
   (`sequential_host_bytes`); at the end non-layer tensors are copied file to file or cast ~8 MiB at a
   time; only non-layer linears converted to int8 (lm_head when not skipped) are loaded, float + int8.
-- the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its float32 copy of one layer's
+- the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its copy of one layer's
   linears, and the larger of the largest linear's GPTQ working set (`gptq.working_bytes`: 10.5 GiB for
   a down_proj with 28672 inputs) and the alpha search's copy of the layer.
 These are estimates (allocator slack, CUDA context and Python are not counted): leave ~20% headroom.
@@ -144,7 +144,7 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     auto = calibrates and alpha == "auto"  # the alpha search, its row samples and (in memory) the guard
     windows = calibrates or gptq  # calibration windows pass through the layers (GPTQ: its Hessians)
     targets = smooth_targets(model) if calibrates and (method == "smoothquant" or config.model_type in ARCHS) else []
-    stage = _stage_bytes(model, path, rows, targets, max(layer_fp), gptq, auto)
+    stage = _stage_bytes(model, path, rows, targets, max(layer_fp), gptq, auto, d)
     heads = getattr(text, "num_attention_heads", None) or 1  # (none in Mamba, RWKV: no attention scores)
     act = L * (4 * h + 3 * inter) * d + heads * L * L * d
     logits = L * text.vocab_size * d
@@ -195,13 +195,14 @@ def estimate(config_or_model_id: Any, *, method: str, dtype: str = "float16", ca
     )
 
 
-def _stage_bytes(model, path: str, rows: dict[str, int], targets, layer_bytes: int, gptq: bool, search: bool) -> int:
-    """What llmq/stage.py holds beside one layer's weights (the largest over layers), float32 throughout:
-    GPTQ's input Hessians (one per smoothing group, else per linear), a float32 copy of the layer's linears
-    (`before`) and the largest linear's own working set (one float64 [in, in] matrix factored and inverted in
-    place, then its float32 U; then the permuted H, U and a few copies of W: `gptq.working_bytes`); or, at
-    another time, the alpha search's copy of the layer (`base`) and its largest group's stacked weights
-    (docs/large-models.md)."""
+def _stage_bytes(model, path: str, rows: dict[str, int], targets, layer_bytes: int, gptq: bool, search: bool,
+                 d: int) -> int:
+    """What llmq/stage.py holds beside one layer's weights (the largest over layers): GPTQ's float32 input
+    Hessians (one per smoothing group, else per linear), a copy of the layer's linears in their own dtype of
+    `d` bytes (`before`) and the largest linear's own working set (one float64 [in, in] matrix factored and
+    inverted in place, then its float32 U; then the permuted H, U and a few copies of W:
+    `gptq.working_bytes`); or, at another time, the alpha search's copy of the layer (`base`) and its largest
+    group's stacked weights (docs/large-models.md)."""
     from .gptq import working_bytes
     from .smooth import linear_weight
 
@@ -219,7 +220,7 @@ def _stage_bytes(model, path: str, rows: dict[str, int], targets, layer_bytes: i
                     default=0)
         work = layer_bytes + group if search else 0
         if gptq and shapes:
-            work = sum(hess.values()) + sum(r * c for r, c in shapes.values()) * 4 + max(sweep, work)
+            work = sum(hess.values()) + sum(r * c for r, c in shapes.values()) * d + max(sweep, work)
         most = max(most, work)
     return most
 

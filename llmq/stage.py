@@ -150,7 +150,7 @@ def quantize_block_(root: nn.Module, recipe: Recipe, targets: list[SmoothTarget]
                 for w in range(ids.shape[0]):
                     root(ids[w:w + 1], use_cache=False)
             res.tokens = int(ids.numel())
-    before = {n: linear_weight(root.get_submodule(n)).detach().float().clone() for n in qnames} if hess else {}
+    before = {n: linear_weight(root.get_submodule(n)).detach().clone() for n in qnames} if hess else {}  # own dtype
     if targets:
         if auto and callable(getattr(root, "output", None)):  # one decoder layer: score its whole output
             from .alpha import search_layer_alpha_
