@@ -183,8 +183,9 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, su
 
 
 def working_bytes(out_f: int, n_in: int, grid: int = len(STAGE_CLIP_GRID)) -> int:
-    """What `quantize_weight` holds beside its caller's W and H (llmq/plan.py), float32 units: one float64
-    [in, in] matrix factored in place, then U (3 x in^2 entries); then the permuted H, U, a copy of W per clip
+    """Bytes `quantize_weight` holds beside its caller's W and H (llmq/plan.py), counted in float32 entries:
+    one float64 [in, in] matrix factored in place, then U (3 x in^2; one W more is counted there, as the plan
+    always has, though only small temporaries sit beside them); then the permuted H, U, a copy of W per clip
     factor swept at once, its product with U's rows, W permuted and the int8 result (2 x in^2 + (2 x swept +
     3) x out x in at most). Measured on CPU (tests/test_gptq.py)."""
     swept = min(grid, max(1, SWEEP_ELEMENTS // (out_f * n_in)))

@@ -1,5 +1,6 @@
 """GPTQ int8 weights (llmq/gptq.py) and Linear8bitLt modules built from them (llmq.quantize.int8_linear)."""
 
+import os
 import subprocess
 import sys
 
@@ -294,7 +295,7 @@ def test_gptq_memory_is_what_the_plan_counts():
         with PeakMemory() as whole:
             quantize_weight(W, H, clip_grid=STAGE_CLIP_GRID)
         print(factor.above_baseline_bytes / (n * n * 4), whole.above_baseline_bytes / working_bytes(out, n))"""
-    env = {**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     factor, whole = map(float, run.stdout.split())
     assert 3.0 <= factor < 4.0  # 16 MiB pieces on top: 0.25 units at this size
