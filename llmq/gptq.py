@@ -152,44 +152,49 @@ def rtn_weight(W: torch.Tensor, H: torch.Tensor | None = None, *, clip: bool = F
     return _to_int8(A, scale).to(torch.int8), scale
 
 
-def _sweep(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, sub: int = 8) -> torch.Tensor:
-    """The GPTQ column sweep of (permuted) W at fixed row scales -> int8 values as float32 [out, in].
+def _sweep(Wt: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, sub: int = 8) -> torch.Tensor:
+    """The GPTQ column sweep of (permuted) W at fixed row scales, on W transposed: `Wt` [in, out] (contiguous),
+    overwritten with the int8 values as float32 and returned.
 
-    Blocked twice: each column's error updates only the rest of its `sub`-column slice (rank-1 updates on
-    [out, <= sub]), each finished slice the rest of its `block` and each finished block the rest of W (both
-    matmuls). The same algebra as one level; reordered sums move a few values across a rounding boundary
-    (tests/test_gptq.py). 2-3x faster on CPU for bitsandbytes-sized rows, where [out, block] no longer fits
-    in cache. W is overwritten with the result: pass a copy."""
-    s = scale.view(-1, 1)
-    inv = torch.where(s > 0, 127.0 / s, torch.zeros_like(s))
-    step = s * INV127
-    n_in = W.shape[1]
+    Transposed, each input column of W the sweep rounds and updates is one contiguous row of `Wt` (on W itself
+    each is a strided column: 2-4x slower on CPU for bitsandbytes-sized rows, the same arithmetic). Blocked
+    twice: each column's error updates only the rest of its `sub`-column slice (rank-1 updates on [<= sub,
+    out]), each finished slice the rest of its `block` and each finished block the rest of W (both matmuls,
+    the last in place). The same algebra as one level; reordered sums move a few values across a rounding
+    boundary (tests/test_gptq.py)."""
+    inv = torch.where(scale > 0, 127.0 / scale, torch.zeros_like(scale))
+    step = scale * INV127
+    n_in = Wt.shape[0]
+    diag = U.diagonal().tolist()
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err = torch.zeros_like(W1)
+        W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
+        Err = torch.empty_like(W1)
         for k1 in range(0, i2 - i1, sub):
             k2 = min(k1 + sub, i2 - i1)
+            Uk = U1[k1:k2, k1:k2].t().contiguous()  # Uk[a, b] = U1[k1 + b, k1 + a]: column j's row of U as a column
             for j in range(k1, k2):
-                w = W1[:, j:j + 1]
+                w = W1[j]
                 q = torch.round(w * inv).clamp_(-127, 127)
-                W[:, i1 + j:i1 + j + 1] = q  # read into W1 already: W's own columns take the results
-                e = (w - q * step) / U1[j, j]
-                W1[:, j:k2] -= e @ U1[j:j + 1, j:k2]
-                Err[:, j:j + 1] = e
-            W1[:, k2:] -= Err[:, k1:k2] @ U1[k1:k2, k2:]
-        W[:, i2:] -= Err @ U[i1:i2, i2:]
-    return W
+                Wt[i1 + j] = q  # read into W1 already: Wt's own rows take the results
+                e = torch.sub(w, q * step, out=Err[j]).div_(diag[i1 + j])
+                if j + 1 < k2:
+                    W1[j + 1:k2] -= Uk[j + 1 - k1:k2 - k1, j - k1:j - k1 + 1] * e
+            if k2 < i2 - i1:
+                W1[k2:] -= U1[k1:k2, k2:].t() @ Err[k1:k2]
+        if i2 < n_in:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1)
+    return Wt
 
 
 def working_bytes(out_f: int, n_in: int, grid: int = len(STAGE_CLIP_GRID)) -> int:
     """Bytes `quantize_weight` holds beside its caller's W and H (llmq/plan.py), counted in float32 entries:
     one float64 [in, in] matrix factored in place, then U (3 x in^2; one W more is counted there, as the plan
     always has, though only small temporaries sit beside them); then the permuted H, U, a copy of W per clip
-    factor swept at once, its product with U's rows, W permuted and the int8 result (2 x in^2 + (2 x swept +
-    3) x out x in at most). Measured on CPU (tests/test_gptq.py)."""
+    factor swept at once (updated in place), W permuted and the int8 result (2 x in^2 + (swept + 3) x out x in
+    at most). Measured on CPU (tests/test_gptq.py)."""
     swept = min(grid, max(1, SWEEP_ELEMENTS // (out_f * n_in)))
-    return max(3 * n_in + out_f, 2 * n_in + (2 * swept + 3) * out_f) * n_in * 4
+    return max(3 * n_in + out_f, 2 * n_in + (swept + 3) * out_f) * n_in * 4
 
 
 @torch.no_grad()
@@ -224,11 +229,13 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True,
     for c in range(0, len(grid), per):  # rows are independent given U: each keeps its best f (first on ties)
         fs = grid[c:c + per]
         scales = torch.cat([amax * f for f in fs])
-        Qs = _sweep(W.repeat(len(fs), 1), U, scales, block)
+        Qt = _sweep(W.t().repeat(1, len(fs)), U, scales, block)  # [in, out x len(fs)]: one column per row of W
+        if c + per >= len(grid):
+            del U  # the last sweep is done: U is not beside the scoring's temporaries
         for k in range(len(fs)):
-            for r1 in range(0, out_f, rows):  # in row pieces: no [out, in] temporaries beside Qs
+            for r1 in range(0, out_f, rows):  # in row pieces: no [out, in] temporaries beside Qt
                 r2, i = min(r1 + rows, out_f), k * out_f
-                Q, scale = Qs[i + r1:i + r2], scales[i + r1:i + r2]
+                Q, scale = Qt[:, i + r1:i + r2].t(), scales[i + r1:i + r2]
                 err = hessian_error(W[r1:r2], Q * scale.view(-1, 1) * INV127, H)
                 if c == k == 0:
                     CB[r1:r2], SCB[r1:r2], best[r1:r2] = Q, scale, err
@@ -236,5 +243,5 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, *, act_order: bool = True,
                 better = err < best[r1:r2]
                 CB[r1:r2] = torch.where(better.view(-1, 1), Q.to(torch.int8), CB[r1:r2])
                 SCB[r1:r2], best[r1:r2] = torch.where(better, scale, SCB[r1:r2]), torch.where(better, err, best[r1:r2])
-        del Qs
+        del Qt
     return CB[:, torch.argsort(perm)], SCB

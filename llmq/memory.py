@@ -7,6 +7,7 @@ kernel allows it (otherwise the peak is since process start, and `peak_since_sta
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -100,15 +101,25 @@ class PeakMemory:
 def trim_heap() -> None:
     """Hand freed heap memory back to the OS. glibc keeps freed activations (its mmap threshold grows with
     them), so without this the resident size creeps up window after window and layer after layer."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (not Linux, or not glibc: e.g. musl). Looked up once: `find_library` runs
+    a subprocess, and the stage trims after every linear."""
     import ctypes
     import ctypes.util
     import sys
 
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+            return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
             log.debug("malloc_trim is not available here")
+    return None
 
 
 def release() -> None:

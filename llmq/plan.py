@@ -26,7 +26,7 @@ dtype, L = calibration seq_len, n = calibration windows, h = hidden size, I = in
   (`sequential_host_bytes`); at the end non-layer tensors are copied file to file or cast ~8 MiB at a
   time; only non-layer linears converted to int8 (lm_head when not skipped) are loaded, float + int8.
 - the stage's working set (`_stage_bytes`, both modes): GPTQ's Hessians, its copy of one layer's
-  linears, and the larger of the largest linear's GPTQ working set (`gptq.working_bytes`: 10.5 GiB for
+  linears, and the larger of the largest linear's GPTQ working set (`gptq.working_bytes`: 10.1 GiB for
   a down_proj with 28672 inputs) and the alpha search's copy of the layer.
 These are estimates (allocator slack, CUDA context and Python are not counted): leave ~20% headroom.
 """

@@ -131,8 +131,9 @@ def test_two_level_sweep_is_the_one_level_sweep_up_to_rounding(sub):
     H = X.T @ X
     U = inverse_cholesky(H, 0.01)
     scale = W.abs().amax(1)
-    one = _sweep(W.clone(), U, scale, block=128, sub=128)  # one level: every column updates the rest of its block
-    two = _sweep(W.clone(), U, scale, block=128, sub=sub)
+    # the sweep works on W transposed; one level: every column updates the rest of its block
+    one = _sweep(W.t().contiguous(), U, scale, block=128, sub=128).t()
+    two = _sweep(W.t().contiguous(), U, scale, block=128, sub=sub).t()
     assert (one != two).float().mean() <= 1e-3 and (one - two).abs().max() <= 2
     err = [hessian_error(W, q * scale.view(-1, 1) / 127, H).sum() for q in (one, two)]
     assert abs(err[1] / err[0] - 1) <= 1e-3
