@@ -96,19 +96,14 @@ def load_tensors_(model: nn.Module, keys: list[str], kmap: dict[str, tuple[str, 
     heads: dict[Path, tuple[int, dict]] = {}
     for k in keys:
         if k in kmap:
-            ckey, path = kmap[k]
-            if path not in heads:
-                heads[path] = header(path)
-            start, head = heads[path]
-            meta = head[ckey]
-            a, b = meta["data_offsets"]
+            path, start, nbytes, meta = entry(*kmap[k], heads)
             dtype = _TORCH[meta["dtype"]]
-            if b == a:
+            if nbytes == 0:
                 value = torch.empty(meta["shape"], dtype=dtype)
             else:
-                buf = bytearray(b - a)
+                buf = bytearray(nbytes)
                 with open(path, "rb") as f:
-                    f.seek(start + a)
+                    f.seek(start)
                     f.readinto(buf)
                 value = torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
             set_module_tensor_to_device(model, k, "cpu", value=value)
@@ -129,7 +124,8 @@ def write_cast(dest: Path, items: list[tuple[str, str, str, Path, torch.dtype, t
     size. `items`: (name written, model key, checkpoint key, file, `via`: the dtype the model loads it in, `to`:
     the dtype it is stored in); the values are those of load_tensors_ then a cast to `to`. The checkpoint
     tensors must be float. NumericalError if one holds inf/nan in `via`."""
-    src = {name: entry(ckey, path) for name, _, ckey, path, _, _ in items}
+    heads: dict[Path, tuple[int, dict]] = {}
+    src = {name: entry(ckey, path, heads) for name, _, ckey, path, _, _ in items}
     items = sorted(items, key=lambda e: (-e[5].itemsize, e[0]))  # as safetensors aligns
     head: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     off = 0
@@ -159,9 +155,15 @@ def header(path: Path) -> tuple[int, dict[str, Any]]:
         return 8 + n, json.loads(f.read(n))
 
 
-def entry(ckpt_key: str, path: Path) -> tuple[Path, int, int, dict]:
-    """(file, start, nbytes, header entry) of a checkpoint tensor."""
-    start, head = header(path)
+def entry(ckpt_key: str, path: Path, heads: dict[Path, tuple[int, dict]] | None = None) -> tuple[Path, int, int, dict]:
+    """(file, start, nbytes, header entry) of a checkpoint tensor. `heads`: the files' headers read so far (filled
+    here), for callers that look up many tensors; without it the header is read on each call."""
+    if heads is None:
+        start, head = header(path)
+    else:
+        if path not in heads:
+            heads[path] = header(path)
+        start, head = heads[path]
     a, b = head[ckpt_key]["data_offsets"]
     return path, start + a, b - a, head[ckpt_key]
 
