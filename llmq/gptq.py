@@ -157,7 +157,7 @@ def _sweep(Wt: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, s
     overwritten with the int8 values as float32 and returned.
 
     Transposed, each input column of W the sweep rounds and updates is one contiguous row of `Wt` (on W itself
-    each is a strided column: 2-4x slower on CPU for bitsandbytes-sized rows, the same arithmetic). Blocked
+    each is a strided column: 1.7-4x slower on CPU at SmolLM2's shapes, the same arithmetic). Blocked
     twice: each column's error updates only the rest of its `sub`-column slice (rank-1 updates on [<= sub,
     out]), each finished slice the rest of its `block` and each finished block the rest of W (both matmuls,
     the last in place). The same algebra as one level; reordered sums move a few values across a rounding
