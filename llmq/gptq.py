@@ -172,14 +172,13 @@ def _sweep(Wt: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, block: int, s
         Err = torch.empty_like(W1)
         for k1 in range(0, i2 - i1, sub):
             k2 = min(k1 + sub, i2 - i1)
-            Uk = U1[k1:k2, k1:k2].t().contiguous()  # Uk[a, b] = U1[k1 + b, k1 + a]: column j's row of U as a column
             for j in range(k1, k2):
                 w = W1[j]
                 q = torch.round(w * inv).clamp_(-127, 127)
                 Wt[i1 + j] = q  # read into W1 already: Wt's own rows take the results
                 e = torch.sub(w, q * step, out=Err[j]).div_(diag[i1 + j])
                 if j + 1 < k2:
-                    W1[j + 1:k2] -= Uk[j + 1 - k1:k2 - k1, j - k1:j - k1 + 1] * e
+                    W1[j + 1:k2] -= U1[j, j + 1:k2, None] * e  # rank 1: U's row j times e
             if k2 < i2 - i1:
                 W1[k2:] -= U1[k1:k2, k2:].t() @ Err[k1:k2]
         if i2 < n_in:

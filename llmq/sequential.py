@@ -86,10 +86,10 @@ class _Job:
 def _check_outside(job: _Job) -> None:
     """Fail early, without loading them, if the non-layer float weights of the checkpoint hold inf/nan; while
     the storage dtype is undecided, their largest |value| in the run dtype counts toward auto's range."""
-    sd, measure = job.model.state_dict(keep_vars=True), job.storage is None
+    sd, measure, heads = job.model.state_dict(keep_vars=True), job.storage is None, {}
     for k in job.outside():
         if k in job.kmap:
-            f, start, n, meta = shards.entry(*job.kmap[k])
+            f, start, n, meta = shards.entry(*job.kmap[k], heads)
             if meta["dtype"] in shards.ST_DTYPE.values() and sd[k].is_floating_point():
                 finite, top = shards.abs_max_on_disk(f, start, n, meta["dtype"], sd[k].dtype if measure else None)
                 if not finite:
@@ -181,9 +181,9 @@ def _write_outside(job: _Job) -> dict[str, tuple[Path, int, int, dict]]:
 
     model = job.model
     convert = [n for n in job.qnames if not n.startswith(job.path + ".")]
-    load, cast, passthrough = [], [], {}
+    load, cast, passthrough, heads = [], [], {}, {}
     for k, t in shards.untie(model, model.state_dict(keep_vars=True)).items():
-        entry = shards.entry(*job.kmap[k]) if k in job.kmap else None
+        entry = shards.entry(*job.kmap[k], heads) if k in job.kmap else None
         to = stored_dtype(model, k, t, job.storage)
         name = next(iter(revert_weight_conversion(model, {k: t})))
         floats = entry is not None and t.is_floating_point() and entry[3]["dtype"] in shards.ST_DTYPE.values()

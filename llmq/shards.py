@@ -158,12 +158,10 @@ def header(path: Path) -> tuple[int, dict[str, Any]]:
 def entry(ckpt_key: str, path: Path, heads: dict[Path, tuple[int, dict]] | None = None) -> tuple[Path, int, int, dict]:
     """(file, start, nbytes, header entry) of a checkpoint tensor. `heads`: the files' headers read so far (filled
     here), for callers that look up many tensors; without it the header is read on each call."""
-    if heads is None:
-        start, head = header(path)
-    else:
-        if path not in heads:
-            heads[path] = header(path)
-        start, head = heads[path]
+    heads = {} if heads is None else heads
+    if path not in heads:
+        heads[path] = header(path)
+    start, head = heads[path]
     a, b = head[ckpt_key]["data_offsets"]
     return path, start + a, b - a, head[ckpt_key]
 
